@@ -1,0 +1,128 @@
+"""The `ango` command: thin shells over library functions."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ango import batches as batches_lib
+from ango import database
+from ango.errors import AngoError
+
+_dsn_option = click.option(
+    "--dsn", envvar=None, default=None,
+    help="PostgreSQL DSN (else ANGO_DSN, DATABASE_URL, else the embedded server).",
+)
+_data_dir_option = click.option(
+    "--data-dir", default=None, type=click.Path(file_okay=False),
+    help="Data directory for the embedded server and token (else ANGO_DATA_DIR).",
+)
+
+
+def _fail(exc: AngoError) -> click.ClickException:
+    return click.ClickException(str(exc))
+
+
+def _ready(dsn: str | None, data_dir: str | None) -> str:
+    try:
+        return database.ready_dsn(dsn, data_dir)
+    except AngoError as exc:
+        raise _fail(exc) from None
+
+
+@click.group()
+@click.version_option(package_name="ango")
+def main() -> None:
+    """Ango hands out unique codes to customers, each exactly once."""
+
+
+@main.command()
+@_dsn_option
+@_data_dir_option
+@click.option("--partitions", default=16, show_default=True, type=click.IntRange(1, 1024),
+              help="Code partitions; used only when the database is first created.")
+def migrate(dsn: str | None, data_dir: str | None, partitions: int) -> None:
+    """Create or upgrade the schema."""
+    from ango.config import resolve_dsn
+
+    try:
+        found = resolve_dsn(dsn, data_dir)
+        applied = database.migrate(found, partitions)
+    except AngoError as exc:
+        raise _fail(exc) from None
+    click.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+
+
+@main.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--client", "client_id", required=True, help="Client id (UUID) owning the batch.")
+@click.option("--batch", "batch_name", required=True, help="Name of the new batch.")
+@click.option("--rules", default=None, help='Rules JSON, e.g. {"maxpercustomer": 2, "timelimit": 30}.')
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_dsn_option
+@_data_dir_option
+def import_cmd(file: Path, client_id: str, batch_name: str, rules: str | None, as_json: bool,
+               dsn: str | None, data_dir: str | None) -> None:
+    """Create a batch from FILE (CSV with client_id,code, or one code per line)."""
+    from ango.importer import import_codes
+
+    found = _ready(dsn, data_dir)
+    size = os.path.getsize(file)
+    try:
+        if sys.stderr.isatty() and not as_json:
+            with click.progressbar(length=size, label="importing", file=sys.stderr) as bar:
+                seen = [0]
+
+                def progress(done: int) -> None:
+                    bar.update(done - seen[0])
+                    seen[0] = done
+
+                result = import_codes(found, file, client_id, batch_name, rules, progress=progress)
+        else:
+            result = import_codes(found, file, client_id, batch_name, rules)
+    except AngoError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps({"batch_id": str(result.batch_id), "imported": result.imported}))
+    else:
+        click.echo(str(result.batch_id))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_dsn_option
+@_data_dir_option
+def batches(as_json: bool, dsn: str | None, data_dir: str | None) -> None:
+    """List batches with their counts."""
+    found = _ready(dsn, data_dir)
+    with database.connect(found, autocommit=True) as conn:
+        rows = batches_lib.list_batches(conn)
+    if as_json:
+        click.echo(json.dumps([b.to_dict() for b in rows]))
+        return
+    header = f"{'id':36}  {'name':20}  {'client':36}  {'expired':7}  {'total':>9}  {'issued':>9}  {'available':>9}  rules"
+    click.echo(header)
+    for b in rows:
+        click.echo(
+            f"{b.id:36}  {b.name[:20]:20}  {b.client_id:36}  {str(b.expired).lower():7}  "
+            f"{b.total:>9}  {b.issued:>9}  {b.available:>9}  {json.dumps(b.rules)}"
+        )
+
+
+@main.command()
+@click.argument("batch_id")
+@_dsn_option
+@_data_dir_option
+def expire(batch_id: str, dsn: str | None, data_dir: str | None) -> None:
+    """Expire BATCH_ID: once this returns, no claim of it succeeds."""
+    found = _ready(dsn, data_dir)
+    try:
+        with database.connect(found, autocommit=True) as conn:
+            changed = batches_lib.expire_batch(conn, batch_id)
+    except AngoError as exc:
+        raise _fail(exc) from None
+    click.echo(f"expired {batch_id}" if changed else f"{batch_id} was already expired")

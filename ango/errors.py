@@ -1,0 +1,101 @@
+"""Every failure a caller of Ango can act on, as one exception class each.
+
+The server sends these over the wire by ``code`` (see docs/PROTOCOL.md) and the
+clients raise the same classes, so embedded and remote callers handle errors alike.
+"""
+
+from __future__ import annotations
+
+
+class AngoError(Exception):
+    """Ango could not do what was asked."""
+
+    code = "error"
+    retryable = False
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class InvalidInput(AngoError):
+    """The request is malformed."""
+
+    code = "invalid_input"
+
+
+class BatchNotFound(AngoError):
+    """No such batch (for this client)."""
+
+    code = "batch_not_found"
+
+
+class BatchExpired(AngoError):
+    """The batch has expired; no code of it is handed out any more."""
+
+    code = "batch_expired"
+
+
+class BatchExhausted(AngoError):
+    """Every code of the batch has been issued."""
+
+    code = "batch_exhausted"
+
+
+class RuleViolation(AngoError):
+    """The customer has reached the batch's limit for the current window."""
+
+    code = "rule_violation"
+
+
+class Unavailable(AngoError):
+    """Ango cannot answer right now; retry with the same request id."""
+
+    code = "unavailable"
+    retryable = True
+
+
+class ImportFailed(AngoError):
+    """The import was rejected; nothing was imported."""
+
+    code = "import_failed"
+
+
+class ConfigurationError(AngoError):
+    """Ango is not configured correctly."""
+
+    code = "configuration"
+
+
+class AuthenticationFailed(AngoError):
+    """The server refused the token."""
+
+    code = "unauthorized"
+
+
+class ProtocolError(AngoError):
+    """The peer broke the wire protocol."""
+
+    code = "protocol"
+
+
+ERRORS_BY_CODE: dict[str, type[AngoError]] = {
+    cls.code: cls
+    for cls in (
+        AngoError,
+        InvalidInput,
+        BatchNotFound,
+        BatchExpired,
+        BatchExhausted,
+        RuleViolation,
+        Unavailable,
+        ImportFailed,
+        ConfigurationError,
+        AuthenticationFailed,
+        ProtocolError,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> AngoError:
+    """Rebuild the exception a peer reported as ``code``."""
+    return ERRORS_BY_CODE.get(code, AngoError)(message)
