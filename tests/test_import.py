@@ -1,0 +1,293 @@
+"""`import_codes`: both file formats, every bad input refused whole, and volume."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from pathlib import Path
+
+import pytest
+from test_rules import BAD_RULES  # pytest puts tests/ on sys.path
+
+from ango.errors import ImportFailed, InvalidInput
+from ango.importer import MAX_CODE_LENGTH, import_codes
+
+CLIENT = "c0ffee00-0000-4000-8000-000000000001"
+OTHER_CLIENT = "c0ffee00-0000-4000-8000-000000000002"
+
+
+def write(tmp_path: Path, content: str | bytes, name: str = "codes.csv") -> Path:
+    path = tmp_path / name
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+def snapshot(db) -> tuple:
+    """Everything an import writes, to compare before and after a refused one."""
+    return (
+        db.execute("SELECT id, client_id, name, rules, total FROM ango.batches ORDER BY key")
+        .fetchall(),
+        db.execute("SELECT code, batch_key, seq FROM ango.codes ORDER BY code").fetchall(),
+        db.execute("SELECT id FROM ango.clients ORDER BY id").fetchall(),
+        db.execute("SELECT batch_key, total FROM ango.lease_cursors ORDER BY 1").fetchall(),
+    )
+
+
+def codes_of(db, batch_id) -> list[tuple[str, int]]:
+    return db.execute(
+        "SELECT c.code, c.seq FROM ango.codes c JOIN ango.batches b ON b.key = c.batch_key "
+        "WHERE b.id = %s ORDER BY c.seq",
+        (batch_id,),
+    ).fetchall()
+
+
+# --- accepted formats -------------------------------------------------------
+
+
+def test_original_csv_imports_every_code_in_file_order(dsn, db, tmp_path):
+    path = write(tmp_path, f"client_id,code\n{CLIENT},A1\n{CLIENT},B2\n{CLIENT},C3\n")
+    result = import_codes(dsn, path, CLIENT, "sale")
+    assert result.imported == 3
+    assert codes_of(db, result.batch_id) == [("A1", 1), ("B2", 2), ("C3", 3)]
+    row = db.execute(
+        "SELECT client_id, name, rules, total, expired FROM ango.batches WHERE id = %s",
+        (result.batch_id,),
+    ).fetchone()
+    assert row == (uuid.UUID(CLIENT), "sale", None, 3, False)
+
+
+def test_original_csv_columns_in_any_order_with_extra_columns_ignored(dsn, db, tmp_path):
+    path = write(
+        tmp_path,
+        f"note,code,client_id,value\nfirst,X1,{CLIENT},5\nsecond,X2,{CLIENT},10\n",
+    )
+    result = import_codes(dsn, path, CLIENT, "sale")
+    assert result.imported == 2
+    assert codes_of(db, result.batch_id) == [("X1", 1), ("X2", 2)]
+
+
+def test_original_csv_accepts_crlf_bom_and_quoted_fields(dsn, db, tmp_path):
+    path = write(
+        tmp_path,
+        f'\ufeffCLIENT_ID,Code\r\n"{CLIENT}","Q,1"\r\n{CLIENT},Q2\r\n'.encode(),
+    )
+    result = import_codes(dsn, path, CLIENT, "sale")
+    assert codes_of(db, result.batch_id) == [("Q,1", 1), ("Q2", 2)]
+
+
+def test_client_id_matching_in_another_spelling_is_accepted(dsn, db, tmp_path):
+    path = write(tmp_path, f"client_id,code\n{CLIENT.upper()},U1\n")
+    assert import_codes(dsn, path, CLIENT, "sale").imported == 1
+
+
+def test_one_column_file_with_code_header(dsn, db, tmp_path):
+    path = write(tmp_path, "code\nH1\nH2\n")
+    result = import_codes(dsn, path, CLIENT, "sale")
+    assert codes_of(db, result.batch_id) == [("H1", 1), ("H2", 2)]
+
+
+def test_one_column_file_without_header_imports_the_first_line_too(dsn, db, tmp_path):
+    path = write(tmp_path, "N1\nN2\nN3")  # no trailing newline either
+    result = import_codes(dsn, path, CLIENT, "sale")
+    assert codes_of(db, result.batch_id) == [("N1", 1), ("N2", 2), ("N3", 3)]
+
+
+def test_codes_keep_backslashes_and_unicode_verbatim(dsn, db, tmp_path):
+    codes = ["a\\b", "\\N", "ünï-çødé", "日本語", "x" * MAX_CODE_LENGTH]
+    path = write(tmp_path, "code\n" + "\n".join(codes) + "\n")
+    result = import_codes(dsn, path, CLIENT, "sale")
+    assert [code for code, _ in codes_of(db, result.batch_id)] == codes
+
+
+def test_import_from_a_binary_stream(dsn, db):
+    result = import_codes(dsn, io.BytesIO(b"S1\nS2\n"), CLIENT, "sale")
+    assert codes_of(db, result.batch_id) == [("S1", 1), ("S2", 2)]
+
+
+def test_rules_are_stored_canonically(dsn, db, tmp_path):
+    path = write(tmp_path, "R1\n")
+    result = import_codes(dsn, path, CLIENT, "sale", '{"timelimit": 30, "maxpercustomer": 2}')
+    rules = db.execute(
+        "SELECT rules FROM ango.batches WHERE id = %s", (result.batch_id,)
+    ).fetchone()[0]
+    assert rules == {"maxpercustomer": 2, "timelimit": 30}
+
+
+def test_import_creates_the_lease_cursor_at_zero(dsn, db, tmp_path):
+    result = import_codes(dsn, write(tmp_path, "L1\nL2\n"), CLIENT, "sale")
+    row = db.execute(
+        "SELECT lc.leased_upto, lc.total FROM ango.lease_cursors lc "
+        "JOIN ango.batches b ON b.key = lc.batch_key WHERE b.id = %s",
+        (result.batch_id,),
+    ).fetchone()
+    assert row == (0, 2)
+
+
+def test_two_batches_number_their_codes_independently(dsn, db, tmp_path):
+    first = import_codes(dsn, write(tmp_path, "F1\nF2\n", "a.csv"), CLIENT, "one")
+    second = import_codes(dsn, write(tmp_path, "G1\n", "b.csv"), OTHER_CLIENT, "two")
+    assert codes_of(db, first.batch_id) == [("F1", 1), ("F2", 2)]
+    assert codes_of(db, second.batch_id) == [("G1", 1)]
+
+
+# --- refused input: named line and reason, nothing changed -------------------
+
+HEADER = f"client_id,code\n{CLIENT},OK1\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "reason"),
+    [
+        pytest.param("code\nE1\n\nE3\n", 3, "empty code", id="empty-line"),
+        pytest.param(HEADER + f"{CLIENT},\n", 3, "empty code", id="empty-code-field"),
+        pytest.param("code\nE1\n   \n", 3, "empty code", id="blank-code"),
+        pytest.param(
+            "code\nE1\n" + "x" * (MAX_CODE_LENGTH + 1) + "\n",
+            3,
+            f"longer than {MAX_CODE_LENGTH}",
+            id="code-too-long",
+        ),
+        pytest.param(HEADER + f"{CLIENT},A,extra\n", 3, "expected 2 column(s), found 3",
+                     id="too-many-columns"),
+        pytest.param(HEADER + "ONLY\n", 3, "expected 2 column(s), found 1",
+                     id="too-few-columns"),
+        pytest.param("A1\nA2,B2\n", 2, "expected 1 column(s), found 2",
+                     id="second-column-in-one-column-file"),
+        pytest.param(b"code\nE1\nbad\xff\xfe\n", 3, "not UTF-8", id="not-utf8"),
+        pytest.param(b"\xc3(\nE2\n", 1, "not UTF-8", id="not-utf8-first-line"),
+        pytest.param("code\nE1\nE\x01X\n", 3, "control character", id="control-character"),
+        pytest.param(HEADER + f'{CLIENT},"unterminated\n', 3, "malformed CSV",
+                     id="unterminated-quote"),
+        pytest.param(HEADER + f"{OTHER_CLIENT},X9\n", 3, "differs from --client",
+                     id="client-mismatch"),
+        pytest.param(HEADER + "not-a-uuid,X9\n", 3, "differs from --client",
+                     id="client-not-a-uuid"),
+        pytest.param("note,code,value\na,B,1\n", 1, "must name 'client_id' and 'code'",
+                     id="wide-header-without-client-id"),
+    ],
+)
+def test_bad_row_is_refused_with_its_line_and_nothing_changes(
+    dsn, db, tmp_path, content, line, reason
+):
+    import_codes(dsn, write(tmp_path, "PRE1\nPRE2\n", "pre.csv"), CLIENT, "existing")
+    before = snapshot(db)
+    with pytest.raises(ImportFailed) as failure:
+        import_codes(dsn, write(tmp_path, content), CLIENT, "refused")
+    message = str(failure.value)
+    assert message.startswith(f"line {line}: ")
+    assert reason in message
+    assert "nothing was imported" in message
+    assert snapshot(db) == before
+
+
+def test_code_repeated_in_the_file_names_both_lines(dsn, db, tmp_path):
+    before = snapshot(db)
+    path = write(tmp_path, "code\nD1\nD2\nD3\nD2\nD4\n")
+    with pytest.raises(ImportFailed) as failure:
+        import_codes(dsn, path, CLIENT, "dupes")
+    message = str(failure.value)
+    assert message.startswith("line 5: ")
+    assert "'D2' is repeated in the file (first on line 3)" in message
+    assert snapshot(db) == before
+
+
+def test_code_repeated_in_original_csv_names_the_line(dsn, db, tmp_path):
+    before = snapshot(db)
+    path = write(tmp_path, f"code,client_id\nD1,{CLIENT}\nD1,{CLIENT}\n")
+    with pytest.raises(ImportFailed, match=r"^line 3: code 'D1' is repeated in the file"):
+        import_codes(dsn, path, CLIENT, "dupes")
+    assert snapshot(db) == before
+
+
+def test_code_already_in_the_database_names_the_line_and_owning_batch(dsn, db, tmp_path):
+    first = import_codes(dsn, write(tmp_path, "K1\nK2\nK3\n", "a.csv"), CLIENT, "one")
+    before = snapshot(db)
+    with pytest.raises(ImportFailed) as failure:
+        import_codes(dsn, write(tmp_path, "code\nZ1\nZ2\nK2\n", "b.csv"), OTHER_CLIENT, "two")
+    message = str(failure.value)
+    assert message.startswith("line 4: ")
+    assert f"'K2' is already in the database (batch {first.batch_id})" in message
+    assert snapshot(db) == before
+
+
+def test_code_already_in_the_database_from_a_stream_is_still_refused(dsn, db, tmp_path):
+    import_codes(dsn, write(tmp_path, "K1\n"), CLIENT, "one")
+    before = snapshot(db)
+    with pytest.raises(ImportFailed, match="K1"):
+        import_codes(dsn, io.BytesIO(b"Z1\nK1\n"), CLIENT, "two")
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"code\n", id="header-only"),
+        pytest.param(b"client_id,code\r\n", id="original-header-only"),
+    ],
+)
+def test_file_without_codes_is_refused(dsn, db, tmp_path, content):
+    before = snapshot(db)
+    with pytest.raises(ImportFailed, match="holds no codes"):
+        import_codes(dsn, write(tmp_path, content), CLIENT, "empty")
+    assert snapshot(db) == before
+
+
+def test_malformed_client_ids_are_refused_and_nothing_changes(dsn, db, tmp_path):
+    path = write(tmp_path, "A1\n")
+    before = snapshot(db)
+    for client in ["not-a-uuid", "", "c0ffee00-0000-4000-8000", "x" * 100, 12345]:
+        with pytest.raises(InvalidInput, match="client id must be a UUID"):
+            import_codes(dsn, path, client, "sale")
+    assert snapshot(db) == before
+
+
+def test_bad_batch_names_are_refused_and_nothing_changes(dsn, db, tmp_path):
+    path = write(tmp_path, "A1\n")
+    before = snapshot(db)
+    for name in ["", "   ", "x" * 201, "tab\there"]:
+        with pytest.raises(InvalidInput, match="batch name"):
+            import_codes(dsn, path, CLIENT, name)
+    assert snapshot(db) == before
+
+
+def test_bad_rules_of_every_shape_are_refused_and_nothing_changes(dsn, db, tmp_path):
+    path = write(tmp_path, "A1\n")
+    before = snapshot(db)
+    for rules in BAD_RULES:
+        with pytest.raises(InvalidInput, match="^rules: "):
+            import_codes(dsn, path, CLIENT, "sale", rules)
+    assert snapshot(db) == before
+
+
+# --- volume ----------------------------------------------------------------
+
+
+def test_300k_codes_import_in_one_go(dsn, db, tmp_path):
+    """The original fails beyond 21,845 rows (65,535 bind parameters)."""
+    count = 300_000
+    path = tmp_path / "big.csv"
+    with open(path, "w") as out:
+        out.write("client_id,code\n")
+        out.writelines(f"{CLIENT},BIG-{i:07d}\n" for i in range(count))
+    result = import_codes(dsn, path, CLIENT, "big")
+    assert result.imported == count
+    stats = db.execute(
+        "SELECT count(*), min(seq), max(seq), count(DISTINCT seq) FROM ango.codes"
+    ).fetchone()
+    assert stats == (count, 1, count, count)
+    last = db.execute("SELECT seq FROM ango.codes WHERE code = 'BIG-0299999'").fetchone()
+    assert last == (count,)
+    total = db.execute("SELECT total FROM ango.batches WHERE id = %s", (result.batch_id,))
+    assert total.fetchone() == (count,)
+
+
+def test_bad_row_late_in_a_large_file_leaves_nothing(dsn, db, tmp_path):
+    path = tmp_path / "late.csv"
+    with open(path, "w") as out:
+        out.writelines(f"LATE-{i}\n" for i in range(50_000))
+        out.write("LATE-17\n")
+    before = snapshot(db)
+    with pytest.raises(ImportFailed, match=r"^line 50001: code 'LATE-17' is repeated"):
+        import_codes(dsn, path, CLIENT, "late")
+    assert snapshot(db) == before
