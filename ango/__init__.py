@@ -1,5 +1,6 @@
 """Ango: hands out unique codes to customers at high volume, each exactly once."""
 
+from ango.allocator import Allocator
 from ango.errors import (
     AngoError,
     BatchExhausted,
@@ -11,6 +12,7 @@ from ango.errors import (
 )
 
 __all__ = [
+    "Allocator",
     "AngoError",
     "BatchExhausted",
     "BatchExpired",

@@ -1,8 +1,207 @@
-"""The embedded API: ``ango.Allocator`` (work in progress; the contract below is fixed).
+"""The embedded API: ``ango.Allocator``.
 
-    async with ango.Allocator(dsn=None, *, shards=None, data_dir=None) as alloc:
-        code = await alloc.claim(batch_id, customer_id, *, client_id=None, request_id=None)
-        await alloc.expire(batch_id)          # -> bool (False if already expired)
-        batches = await alloc.batches()       # list[dict], same fields as `ango batches --json`
-        stats = await alloc.stats()           # dict: shards_alive, in_flight, claims_served, leases_held, ...
+    async with ango.Allocator() as alloc:
+        code = await alloc.claim(batch_id, customer_id, request_id="order-17")
+
+The Allocator resolves the database (embedded PostgreSQL when no DSN is
+configured), applies the schema, and starts one shard process per CPU core.
+A claim for (batch, customer) goes to the shard owning hash(batch, customer)
+modulo the partition count, so that customer's rule counter lives in one
+process; the shard answers from codes leased into its memory, after the group
+commit that issues them.
 """
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import os
+import re
+import uuid
+import zlib
+from collections.abc import Awaitable
+from typing import Any
+
+from ango import batches as batches_lib
+from ango import database
+from ango.errors import InvalidInput, Unavailable
+from ango.shards import messages as m
+from ango.shards.supervisor import ShardHandle
+
+MAX_CUSTOMER_ID = 256
+MAX_REQUEST_ID = 128
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _uuid_text(value: object, what: str) -> str:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if not isinstance(value, str) or len(value) > 64:
+        raise InvalidInput(f"{what} must be a UUID string, got {type(value).__name__}"
+                           if not isinstance(value, str) else f"{what} is too long")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidInput(f"{what} must be a UUID, got {value[:80]!r}") from None
+
+
+def _text(value: object, what: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidInput(f"{what} must not be empty")
+    if len(value) > limit:
+        raise InvalidInput(f"{what} is longer than {limit} characters")
+    if _CONTROL.search(value):
+        raise InvalidInput(f"{what} contains a control character")
+    return value
+
+
+def partition_of(batch_id: str, customer_id: str, partitions: int) -> int:
+    """The partition owning a customer's counters in a batch (stable across processes)."""
+    return zlib.crc32(f"{batch_id}/{customer_id}".encode()) % partitions
+
+
+class Allocator:
+    """Hands out codes through shard processes; see the module docstring."""
+
+    def __init__(self, dsn: str | None = None, *, shards: int | None = None,
+                 data_dir: str | os.PathLike[str] | None = None) -> None:
+        if shards is not None and not 1 <= shards <= 256:
+            raise InvalidInput(f"shards must be between 1 and 256, got {shards}")
+        self._dsn_given = dsn
+        self._data_dir = data_dir
+        self.shard_count = shards or os.cpu_count() or 1
+        self.instance = str(uuid.uuid4())
+        self.dsn: str | None = None
+        self.partitions = 0
+        self._shards: list[ShardHandle] = []
+        self._route: list[ShardHandle] = []
+        self._tags = itertools.count(1)
+        self._stats_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._open = False
+
+    async def __aenter__(self) -> Allocator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _in_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(fn, *args))
+
+    async def start(self) -> None:
+        """Resolve the database, apply the schema and start the shards."""
+        self.dsn = await self._in_thread(database.ready_dsn, self._dsn_given, self._data_dir)
+        self.partitions = await self._in_thread(self._read_partitions)
+        parts_of: list[list[int]] = [[] for _ in range(self.shard_count)]
+        for part in range(self.partitions):
+            parts_of[part % self.shard_count].append(part)
+        self._shards = [
+            ShardHandle(i, self.shard_count, self.instance, parts_of[i], self.dsn, self._on_stats)
+            for i in range(self.shard_count)
+        ]
+        try:
+            await asyncio.gather(*(s.start() for s in self._shards))
+        except BaseException:
+            await asyncio.gather(*(s.stop(timeout=2) for s in self._shards),
+                                 return_exceptions=True)
+            raise
+        self._route = [self._shards[p % self.shard_count] for p in range(self.partitions)]
+        self._open = True
+
+    def _read_partitions(self) -> int:
+        with database.connect(self.dsn) as conn:
+            return database.partition_count(conn)
+
+    async def close(self) -> None:
+        """Finish the claims in flight, stop the shards, release their leases."""
+        if not self._shards:
+            return
+        self._open = False
+        await asyncio.gather(*(s.stop() for s in self._shards), return_exceptions=True)
+        self._shards = []
+
+    def claim(self, batch_id: str, customer_id: str, *, client_id: str | None = None,
+              request_id: str | None = None) -> Awaitable[str]:
+        """Hand one code of the batch to the customer; resolves after it is committed.
+
+        Raises BatchNotFound, BatchExpired, BatchExhausted, RuleViolation,
+        InvalidInput, or Unavailable (retry with the same ``request_id``).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
+        try:
+            if not self._open:
+                raise Unavailable("the allocator is not running")
+            bid = _uuid_text(batch_id, "batch id")
+            customer = _text(customer_id, "customer id", MAX_CUSTOMER_ID)
+            client = None if client_id is None else _uuid_text(client_id, "client id")
+            request = (uuid.uuid4().hex if request_id is None
+                       else _text(request_id, "request id", MAX_REQUEST_ID))
+        except Exception as exc:
+            future.set_exception(exc)
+            return future
+        shard = self._route[partition_of(bid, customer, self.partitions)]
+        shard.submit(m.Claim(next(self._tags), bid, customer, client, request), future)
+        return future
+
+    async def expire(self, batch_id: str) -> bool:
+        """Expire a batch; once this returns no claim of it succeeds (I5).
+
+        Returns False if it was already expired; raises BatchNotFound.
+        """
+        bid = _uuid_text(batch_id, "batch id")
+        return await self._in_thread(self._expire, bid)
+
+    def _expire(self, batch_id: str) -> bool:
+        with database.connect(self.dsn, autocommit=True) as conn:
+            return batches_lib.expire_batch(conn, batch_id)
+
+    async def batches(self) -> list[dict[str, Any]]:
+        """Every batch with its counts, as `ango batches --json` prints them."""
+        return await self._in_thread(self._batches)
+
+    def _batches(self) -> list[dict[str, Any]]:
+        with database.connect(self.dsn, autocommit=True) as conn:
+            return [b.to_dict() for b in batches_lib.list_batches(conn)]
+
+    def _on_stats(self, reply: m.StatsReply) -> None:
+        waiter = self._stats_waiters.pop(reply.tag_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(reply.stats)
+
+    async def stats(self) -> dict[str, Any]:
+        """Health and counters: shards alive, claims in flight and served, leases held."""
+        loop = asyncio.get_running_loop()
+        waits = []
+        for shard in self._shards:
+            tag = next(self._tags)
+            future = loop.create_future()
+            self._stats_waiters[tag] = future
+            shard.request_stats(tag)
+            waits.append(future)
+        per_shard: list[dict[str, Any]] = []
+        for future in waits:
+            try:
+                per_shard.append(await asyncio.wait_for(future, 2.0))
+            except TimeoutError:
+                per_shard.append({})
+        return {
+            "shards": self.shard_count,
+            "shards_alive": sum(1 for s in self._shards if s.alive),
+            "partitions": self.partitions,
+            "in_flight": sum(len(s.in_flight) for s in self._shards),
+            "claims_served": sum(s.get("claims_served", 0) for s in per_shard),
+            "leases_held": sum(s.get("leases_held", 0) for s in per_shard),
+            "codes_held": sum(s.get("codes_held", 0) for s in per_shard),
+            "restarts": sum(s.restarts for s in self._shards),
+            "per_shard": per_shard,
+        }
+
+    def shard_pids(self) -> list[int | None]:
+        """The current process id of each shard (for operations and tests)."""
+        return [s.process.pid if s.process else None for s in self._shards]

@@ -70,3 +70,154 @@ SELECT key, expired FROM ango.batches WHERE id = %s FOR UPDATE;
 WITH gone AS (DELETE FROM ango.leases WHERE batch_key = %(key)s)
 UPDATE ango.batches SET expired = true, expired_at = coalesce(expired_at, now())
 WHERE key = %(key)s;
+
+-- name: batch_meta
+-- What a shard needs to know of batches it sees claims for.
+SELECT id, key, client_id, rules, expired FROM ango.batches WHERE id = ANY(%s);
+
+-- name: register_owner
+-- A shard process announces itself; its heartbeat keeps its leases.
+INSERT INTO ango.owners (id, instance, shard, pid, host, parts) VALUES (%s, %s, %s, %s, %s, %s);
+
+-- name: heartbeat
+-- Still alive; no row updated means another process reaped us.
+UPDATE ango.owners SET heartbeat = now() WHERE id = %s;
+
+-- name: adopt_leases
+-- Take over the leases of our own previous incarnation (the supervisor saw it
+-- exit) and of any owner whose heartbeat is stale or which is gone.
+UPDATE ango.leases SET owner = %(me)s
+WHERE owner <> %(me)s
+  AND (owner IN (SELECT id FROM ango.owners
+                 WHERE instance = %(instance)s AND shard = %(shard)s AND id <> %(me)s)
+       OR owner NOT IN (SELECT id FROM ango.owners
+                        WHERE heartbeat > now() - make_interval(secs => %(stale)s)))
+RETURNING id, batch_key, lo, hi;
+
+-- name: forget_dead_owners
+-- Owner rows whose leases have been adopted.
+DELETE FROM ango.owners
+WHERE id <> %(me)s
+  AND ((instance = %(instance)s AND shard = %(shard)s)
+       OR heartbeat < now() - make_interval(secs => %(stale)s));
+
+-- name: retire_owner
+-- Clean shutdown: our leases become adoptable at once.
+DELETE FROM ango.owners WHERE id = %s;
+
+-- name: lease_block
+-- Advance a batch's cursor by up to n codes (fewer near the end, so the last
+-- codes spread over the shards) and record the block as our lease.
+WITH cur AS (
+    SELECT batch_key, leased_upto, total FROM ango.lease_cursors
+    WHERE batch_key = %(key)s FOR UPDATE
+), adv AS (
+    UPDATE ango.lease_cursors c
+    SET leased_upto = LEAST(cur.leased_upto
+                            + GREATEST(LEAST(%(n)s, (cur.total - cur.leased_upto) / %(split)s),
+                                       %(min)s),
+                            cur.total)
+    FROM cur
+    WHERE c.batch_key = cur.batch_key AND cur.leased_upto < cur.total
+    RETURNING cur.leased_upto AS lo, c.leased_upto AS hi
+), lease AS (
+    INSERT INTO ango.leases (owner, batch_key, lo, hi)
+    SELECT %(me)s, %(key)s, lo, hi FROM adv
+    RETURNING id, lo, hi
+)
+SELECT lease.id, c.code
+FROM lease JOIN ango.codes c ON c.batch_key = %(key)s AND c.seq > lease.lo AND c.seq <= lease.hi;
+
+-- name: steal_lease
+-- The cursor is exhausted: take another owner's lease of the batch (I7).
+-- Its old holder can no longer issue from it (the issue statement checks owner).
+WITH victim AS (
+    SELECT id FROM ango.leases
+    WHERE batch_key = %(key)s AND owner <> %(me)s
+    ORDER BY id LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE ango.leases l SET owner = %(me)s FROM victim WHERE l.id = victim.id
+RETURNING l.id;
+
+-- name: other_leases_exist
+-- Whether any other owner still holds a lease of the batch.
+SELECT EXISTS (SELECT 1 FROM ango.leases WHERE batch_key = %(key)s AND owner <> %(me)s);
+
+-- name: unissued_codes_of_leases
+-- The codes of adopted or stolen leases that are still unissued.
+SELECT l.id, l.batch_key, c.code
+FROM ango.leases l
+JOIN ango.codes c ON c.batch_key = l.batch_key AND c.seq > l.lo AND c.seq <= l.hi
+WHERE l.id = ANY(%s)
+  AND NOT EXISTS (SELECT 1 FROM ango.issues i WHERE i.code = c.code);
+
+-- name: delete_leases
+-- Leases whose codes have all been issued (or that are not worth keeping).
+DELETE FROM ango.leases WHERE id = ANY(%s) AND owner = %s;
+
+-- name: issue_group
+-- One group commit: issue each code if its batch is not expired (locked FOR KEY
+-- SHARE so expiry waits for us: I5), its lease is still ours, it is not issued
+-- yet (I1) and the request id is new (I6); then take the customer's rule slot,
+-- which succeeds only if free or older than the batch's window (I4).
+WITH ok AS (
+    SELECT key FROM ango.batches
+    WHERE key = ANY(%(batch_keys)s) AND NOT expired
+    FOR KEY SHARE
+), req AS (
+    SELECT u.*
+    FROM unnest(%(codes)s::text[], %(bkeys)s::integer[], %(customers)s::text[],
+                %(requests)s::text[], %(leases)s::bigint[], %(slots)s::integer[])
+         AS u(code, batch_key, customer_id, request_id, lease_id, slot)
+    WHERE u.batch_key IN (SELECT key FROM ok)
+      AND EXISTS (SELECT 1 FROM ango.leases l WHERE l.id = u.lease_id AND l.owner = %(me)s)
+), ins AS (
+    INSERT INTO ango.issues (code, batch_key, customer_id, request_id, issued_at)
+    SELECT code, batch_key, customer_id, request_id, now() FROM req
+    ON CONFLICT DO NOTHING
+    RETURNING code
+), slot AS (
+    INSERT INTO ango.slots AS s (batch_key, customer_id, slot, code, issued_at)
+    SELECT r.batch_key, r.customer_id, r.slot, r.code, now()
+    FROM req r JOIN ins ON ins.code = r.code
+    WHERE r.slot IS NOT NULL
+    ON CONFLICT (batch_key, customer_id, slot) DO UPDATE
+        SET code = EXCLUDED.code, issued_at = EXCLUDED.issued_at
+        WHERE s.issued_at < EXCLUDED.issued_at - (
+            SELECT make_interval(days => (b.rules ->> 'timelimit')::integer)
+            FROM ango.batches b WHERE b.key = EXCLUDED.batch_key)
+    RETURNING code
+)
+SELECT ins.code, slot.code IS NOT NULL AS slot_taken, extract(epoch FROM now())::float8
+FROM ins LEFT JOIN slot ON slot.code = ins.code;
+
+-- name: unissue_codes
+-- Undo issues whose rule slot was taken after all (a stale counter); same transaction.
+DELETE FROM ango.issues WHERE code = ANY(%s);
+
+-- name: expired_batches
+-- Which of these batches are expired.
+SELECT key FROM ango.batches WHERE key = ANY(%s) AND expired;
+
+-- name: issued_by_request
+-- Earlier outcomes of retried requests (I6).
+SELECT i.batch_key, i.request_id, i.code, i.customer_id
+FROM ango.issues i
+JOIN unnest(%s::integer[], %s::text[]) AS u(batch_key, request_id)
+  ON i.batch_key = u.batch_key AND i.request_id = u.request_id;
+
+-- name: leases_still_mine
+-- Which of these leases we still own.
+SELECT id FROM ango.leases WHERE id = ANY(%s) AND owner = %s;
+
+-- name: customer_slots
+-- The rule slots of customers whose in-memory counter was missing or stale.
+SELECT s.batch_key, s.customer_id, s.slot, extract(epoch FROM s.issued_at)::float8
+FROM ango.slots s
+JOIN unnest(%s::integer[], %s::text[]) AS u(batch_key, customer_id)
+  ON s.batch_key = u.batch_key AND s.customer_id = u.customer_id;
+
+-- name: partitions_count
+-- Partition count, for routing.
+SELECT value::integer FROM ango.meta WHERE key = 'partitions';

@@ -1,0 +1,124 @@
+"""Messages between the Allocator and its shard processes, and their framing.
+
+Frames are a 4-byte big-endian length followed by a msgpack body; bodies are
+msgspec tagged-union Structs encoded as arrays (compact and fast to decode).
+Claims travel in batches: one frame per event-loop pass, not one per claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+MAX_FRAME = 64 * 1024 * 1024
+
+
+class Claim(msgspec.Struct, array_like=True):
+    """One claim, tagged with the parent's id for it."""
+
+    tag: int
+    batch_id: str
+    customer_id: str
+    client_id: str | None
+    request_id: str
+
+
+class Claims(msgspec.Struct, tag="claims", array_like=True):
+    """Claims for the shard to serve."""
+
+    claims: list[Claim]
+
+
+class StatsRequest(msgspec.Struct, tag="stats", array_like=True):
+    """Ask the shard for its counters."""
+
+    tag_id: int
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
+    """Finish the claims in hand, release leases and exit."""
+
+
+class Result(msgspec.Struct, array_like=True):
+    """The outcome of one claim: a code, or an error code and message."""
+
+    tag: int
+    code: str | None
+    error: str | None = None
+    message: str | None = None
+
+
+class Results(msgspec.Struct, tag="results", array_like=True):
+    """Outcomes, sent as soon as a group commit has committed."""
+
+    results: list[Result]
+
+
+class Ready(msgspec.Struct, tag="ready", array_like=True):
+    """The shard is registered and has recovered its leases."""
+
+    owner: str
+    recovered: int
+
+
+class StatsReply(msgspec.Struct, tag="stats_reply", array_like=True):
+    """The shard's counters."""
+
+    tag_id: int
+    stats: dict[str, Any]
+
+
+ToShard = Claims | StatsRequest | Shutdown
+FromShard = Results | Ready | StatsReply
+
+
+def frame(body: bytes) -> bytes:
+    """Prefix a body with its 4-byte big-endian length."""
+    return len(body).to_bytes(4, "big") + body
+
+
+class FramedProtocol(asyncio.Protocol):
+    """Reads length-prefixed frames and hands each decoded message to ``on_message``."""
+
+    def __init__(self, decoder: msgspec.msgpack.Decoder, on_message: Callable[[Any], None],
+                 on_lost: Callable[[Exception | None], None]) -> None:
+        self._decoder = decoder
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self._buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buffer
+        buf += data
+        view = memoryview(buf)
+        pos = 0
+        end = len(buf)
+        try:
+            while end - pos >= 4:
+                size = int.from_bytes(view[pos:pos + 4], "big")
+                if size > MAX_FRAME:
+                    raise ValueError(f"frame of {size} bytes exceeds {MAX_FRAME}")
+                if end - pos - 4 < size:
+                    break
+                message = self._decoder.decode(view[pos + 4:pos + 4 + size])
+                pos += 4 + size
+                self._on_message(message)
+        finally:
+            view.release()
+        if pos:
+            del buf[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost(exc)
+
+    def send(self, message: Any, encoder: msgspec.msgpack.Encoder) -> None:
+        """Encode and write one message (no-op once the link is closed)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame(encoder.encode(message)))

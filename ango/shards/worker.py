@@ -1,0 +1,550 @@
+"""A shard process: leases codes into memory and issues them by group commit.
+
+Started by the Allocator as ``python -m ango.shards.worker`` with one end of a
+socket pair. Claims arrive in batches; while one group commit is in flight the
+next group gathers, so the group size follows the load. PostgreSQL enforces
+every invariant inside the group's statements; memory only makes the common
+case fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import msgspec
+import psycopg
+
+from ango.errors import (
+    AngoError,
+    BatchExhausted,
+    BatchExpired,
+    BatchNotFound,
+    InvalidInput,
+    RuleViolation,
+    Unavailable,
+)
+from ango.rules import parse_rules
+from ango.shards import messages as m
+from ango.shards.counters import FULL, WAIT, CustomerCounters
+from ango.shards.pool import CodePool
+from ango.sql import queries
+
+log = logging.getLogger("ango.shard")
+
+MAX_GROUP = 2000          # claims per group commit
+MAX_BLOCK = 8192          # codes per lease, at most
+MAX_ATTEMPTS = 8          # a claim retried more often than this answers Unavailable
+HEARTBEAT_S = 1.0
+STALE_S = 3.0             # an owner silent this long is dead; its leases are adopted
+DB_RETRY_S = 15.0         # how long claims wait for the database to come back
+
+
+@dataclass
+class BatchMeta:
+    """What the shard knows of a batch."""
+
+    key: int
+    client_id: str
+    limit: int | None
+    window: float | None
+    expired: bool
+
+
+@dataclass
+class Pending:
+    """A claim in the shard's hands."""
+
+    tag: int
+    batch_id: str
+    customer_id: str
+    client_id: str | None
+    request_id: str
+    received: float
+    attempts: int = 0
+    meta: BatchMeta | None = None
+    slot: int | None = None
+    code: str | None = None
+    lease: int = 0
+    followers: list[Pending] = field(default_factory=list)
+
+
+class Shard:
+    """The state and loops of one shard process."""
+
+    def __init__(self, dsn: str, index: int, count: int, instance: str, parts: list[int]) -> None:
+        self.dsn = dsn
+        self.index = index
+        self.count = count
+        self.instance = instance
+        self.parts = parts
+        self.owner = str(uuid.uuid4())
+        self.pool = CodePool()
+        self.counters = CustomerCounters()
+        self.batches: dict[str, BatchMeta] = {}
+        self.pending: deque[Pending] = deque()
+        self.wake = asyncio.Event()
+        self.results: list[m.Result] = []
+        self.link: m.FramedProtocol | None = None
+        self.encoder = msgspec.msgpack.Encoder()
+        self.stopping = False
+        self.needs_load: set[tuple[int, str]] = set()
+        self.served = 0
+        self.groups = 0
+        self.conn: psycopg.AsyncConnection | None = None
+        self.hb_conn: psycopg.AsyncConnection | None = None
+
+    # -- start-up and recovery -------------------------------------------------
+
+    async def start(self) -> int:
+        """Register, adopt the leases of dead owners, and load their codes."""
+        self.conn = await psycopg.AsyncConnection.connect(self.dsn)
+        self.hb_conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        await self.hb_conn.execute(
+            queries["register_owner"],
+            (self.owner, self.instance, self.index, os.getpid(), socket.gethostname(), self.parts),
+        )
+        return await self.adopt(self.hb_conn)
+
+    async def adopt(self, conn: psycopg.AsyncConnection) -> int:
+        """Take over leases of dead owners; hold their unissued codes. Returns codes gained."""
+        params = {"me": self.owner, "instance": self.instance, "shard": self.index,
+                  "stale": STALE_S}
+        async with conn.transaction():
+            leases = await (await conn.execute(queries["adopt_leases"], params)).fetchall()
+            await conn.execute(queries["forget_dead_owners"], params)
+        if not leases:
+            return 0
+        return await self.load_leases(conn, [row[0] for row in leases])
+
+    async def load_leases(self, conn: psycopg.AsyncConnection, lease_ids: list[int]) -> int:
+        """Hold the unissued codes of leases now ours; delete the empty ones."""
+        cur = await conn.execute(queries["unissued_codes_of_leases"], (lease_ids,))
+        rows = await cur.fetchall()
+        by_lease: dict[int, tuple[int, list[str]]] = {}
+        for lease_id, batch_key, code in rows:
+            by_lease.setdefault(lease_id, (batch_key, []))[1].append(code)
+        for lease_id, (batch_key, codes) in by_lease.items():
+            self.pool.drop_lease(lease_id)
+            self.pool.add_lease(lease_id, batch_key, codes)
+        empty = [lid for lid in lease_ids if lid not in by_lease]
+        if empty:
+            await conn.execute(queries["delete_leases"], (empty, self.owner))
+            if not conn.autocommit:
+                await conn.commit()
+        return len(rows)
+
+    # -- the claim path ---------------------------------------------------------
+
+    def receive(self, message: m.ToShard) -> None:
+        """Handle a message from the Allocator."""
+        if isinstance(message, m.Claims):
+            now = time.monotonic()
+            for c in message.claims:
+                self.pending.append(
+                    Pending(c.tag, c.batch_id, c.customer_id, c.client_id, c.request_id, now))
+            self.wake.set()
+        elif isinstance(message, m.StatsRequest):
+            self.send(m.StatsReply(message.tag_id, self.stats()))
+        elif isinstance(message, m.Shutdown):
+            self.stopping = True
+            self.wake.set()
+
+    def send(self, message: m.FromShard) -> None:
+        if self.link is not None:
+            self.link.send(message, self.encoder)
+
+    def answer(self, p: Pending, code: str | None, error: AngoError | None = None) -> None:
+        if error is None:
+            self.results.append(m.Result(p.tag, code))
+            self.served += 1
+        else:
+            self.results.append(m.Result(p.tag, None, error.code, str(error)))
+        for follower in p.followers:
+            self.answer(follower, code, error)
+
+    def flush(self) -> None:
+        if self.results:
+            self.send(m.Results(self.results))
+            self.results = []
+
+    def stats(self) -> dict:
+        return {
+            "shard": self.index, "owner": self.owner, "pid": os.getpid(),
+            "partitions": self.parts, "claims_served": self.served, "groups": self.groups,
+            "pending": len(self.pending), "codes_held": self.pool.codes_held,
+            "leases_held": self.pool.leases_held, "customers_cached": len(self.counters),
+        }
+
+    async def run(self) -> None:
+        """Serve groups until shut down."""
+        while True:
+            if not self.pending:
+                if self.stopping:
+                    return
+                await self.wake.wait()
+                self.wake.clear()
+                continue
+            size = min(len(self.pending), MAX_GROUP)
+            group = [self.pending.popleft() for _ in range(size)]
+            try:
+                await self.serve(group)
+            except psycopg.OperationalError as exc:
+                log.warning("shard %s: database error, retrying: %s", self.index, exc)
+                await self.recover_connection(group)
+            except Exception:  # a bug must not take the codes in hand with it
+                log.exception("shard %s: group failed", self.index)
+                for p in group:
+                    if p.code is not None:
+                        self.pool.put_back(p.meta.key, p.code, p.lease)
+                    self.answer(p, None, Unavailable("internal error; retry"))
+            self.flush()
+            self.groups += 1
+
+    async def recover_connection(self, group: list[Pending]) -> None:
+        """Reconnect, and requeue the group: its request ids make the retry safe."""
+        deadline = time.monotonic()
+        for p in group:
+            if p.meta is not None and p.code is not None:
+                self.pool.put_back(p.meta.key, p.code, p.lease)
+                p.code = None
+            if p.meta is not None and p.slot is not None:
+                self.counters.release((p.meta.key, p.customer_id), p.slot)
+                p.slot = None
+            if deadline - p.received > DB_RETRY_S:
+                self.answer(p, None, Unavailable("database unavailable; retry"))
+            else:
+                self.pending.appendleft(p)
+        while True:
+            try:
+                if self.conn is not None and not self.conn.closed:
+                    await self.conn.close()
+                self.conn = await psycopg.AsyncConnection.connect(self.dsn)
+                return
+            except psycopg.OperationalError:
+                self.flush()
+                await asyncio.sleep(0.5)
+
+    async def load_batches(self, batch_ids: set[str]) -> None:
+        valid = []
+        for bid in batch_ids:
+            try:
+                valid.append(uuid.UUID(bid))
+            except ValueError:
+                continue
+        if not valid:
+            return
+        rows = await (await self.conn.execute(queries["batch_meta"], (valid,))).fetchall()
+        await self.conn.rollback()
+        for bid, key, client_id, rules, expired in rows:
+            rule = parse_rules(rules).per_customer
+            self.batches[str(bid)] = BatchMeta(
+                key, str(client_id), rule.limit if rule else None,
+                rule.window_seconds if rule else None, expired)
+
+    async def load_customers(self) -> None:
+        keys = list(self.needs_load)
+        self.needs_load.clear()
+        rows = await (await self.conn.execute(
+            queries["customer_slots"], ([k[0] for k in keys], [k[1] for k in keys]))).fetchall()
+        await self.conn.rollback()
+        found: dict[tuple[int, str], dict[int, float]] = {k: {} for k in keys}
+        for batch_key, customer, slot, issued in rows:
+            found[(batch_key, customer)][slot] = issued
+        limits = {meta.key: meta.limit for meta in self.batches.values()}
+        for key, slots in found.items():
+            limit = limits.get(key[0])
+            if limit:
+                self.counters.load(key, limit, slots)
+
+    async def serve(self, group: list[Pending]) -> None:
+        """Serve one group: check, lease, commit, answer."""
+        unknown = {p.batch_id for p in group if p.batch_id not in self.batches}
+        if unknown:
+            await self.load_batches(unknown)
+        if self.needs_load:
+            await self.load_customers()
+        now = time.time()
+        ready: list[Pending] = []
+        verify: list[tuple[Pending, AngoError]] = []
+        deferred: list[Pending] = []
+        by_request: dict[tuple[int, str], Pending] = {}
+        for p in group:
+            meta = self.batches.get(p.batch_id)
+            if meta is None or (p.client_id is not None and p.client_id != meta.client_id):
+                self.answer(p, None, BatchNotFound(f"no batch {p.batch_id} for this client"))
+                continue
+            if meta.expired:
+                self.answer(p, None, BatchExpired(f"batch {p.batch_id} has expired"))
+                continue
+            p.meta = meta
+            first = by_request.get((meta.key, p.request_id))
+            if first is not None:
+                first.followers.append(p)
+                continue
+            by_request[(meta.key, p.request_id)] = p
+            if meta.limit is not None:
+                slot = self.counters.reserve(
+                    (meta.key, p.customer_id), meta.limit, meta.window, now)
+                if slot == WAIT:
+                    deferred.append(p)
+                    continue
+                if slot == FULL:
+                    verify.append((p, RuleViolation(
+                        f"customer {p.customer_id} has had {meta.limit} code(s) of this batch")))
+                    continue
+                p.slot = slot
+            ready.append(p)
+        need = Counter(p.meta.key for p in ready)
+        for batch_key, wanted in need.items():
+            short = wanted - self.pool.held(batch_key)
+            if short > 0:
+                await self.lease(batch_key, short)
+        issuing: list[Pending] = []
+        others: dict[int, bool] = {}
+        for p in ready:
+            got = self.pool.take(p.meta.key)
+            if got is None:
+                self.release_slot(p)
+                if p.meta.key not in others:
+                    others[p.meta.key] = await self.others_hold(p.meta.key)
+                if others[p.meta.key]:
+                    deferred.append(p)
+                else:
+                    verify.append((p, BatchExhausted(f"batch {p.batch_id} has no code left")))
+                continue
+            p.code, p.lease = got
+            issuing.append(p)
+        if issuing or verify:
+            await self.commit(issuing, verify, deferred)
+        for p in reversed(deferred):
+            p.attempts += 1
+            if p.attempts > MAX_ATTEMPTS * 50:
+                self.answer(p, None, Unavailable("could not serve the claim in time; retry"))
+            else:
+                self.pending.appendleft(p)
+        if deferred and len(deferred) == len(group):
+            await asyncio.sleep(0.005)  # only waiting on others: do not spin
+
+    def release_slot(self, p: Pending, issued_at: float | None = None) -> None:
+        if p.slot is not None:
+            self.counters.release((p.meta.key, p.customer_id), p.slot, issued_at)
+            p.slot = None
+
+    async def lease(self, batch_key: int, short: int) -> None:
+        """Lease at least ``short`` codes if the cursor allows; else steal (I7)."""
+        block = self.pool.next_block(batch_key, MAX_BLOCK)
+        params = {"key": batch_key, "n": block, "min": short, "split": 2 * self.count,
+                  "me": self.owner}
+        rows = await (await self.conn.execute(queries["lease_block"], params)).fetchall()
+        await self.conn.commit()
+        if rows:
+            self.pool.add_lease(rows[0][0], batch_key, [code for _, code in rows])
+            return
+        for _ in range(16):
+            stolen = await (await self.conn.execute(queries["steal_lease"], params)).fetchall()
+            await self.conn.commit()
+            if not stolen:
+                return
+            await self.load_leases(self.conn, [row[0] for row in stolen])
+            if self.pool.held(batch_key) >= short:
+                return
+
+    async def others_hold(self, batch_key: int) -> bool:
+        row = await (await self.conn.execute(
+            queries["other_leases_exist"], {"key": batch_key, "me": self.owner})).fetchone()
+        await self.conn.rollback()
+        return bool(row[0])
+
+    async def commit(self, issuing: list[Pending], verify: list[tuple[Pending, AngoError]],
+                     deferred: list[Pending]) -> None:
+        """The group commit. Answers every claim only after COMMIT (I2)."""
+        conn = self.conn
+        issued: dict[str, tuple[bool, float]] = {}
+        outcome: dict[int, tuple[str | None, AngoError | None]] = {}
+        retry: list[Pending] = []
+        spent_leases: list[int] = []
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            await conn.commit()  # a transaction() inside an open one would only be a savepoint
+        async with conn.transaction():
+            if issuing:
+                params = {
+                    "batch_keys": list({p.meta.key for p in issuing}),
+                    "codes": [p.code for p in issuing],
+                    "bkeys": [p.meta.key for p in issuing],
+                    "customers": [p.customer_id for p in issuing],
+                    "requests": [p.request_id for p in issuing],
+                    "leases": [p.lease for p in issuing],
+                    "slots": [p.slot for p in issuing],
+                    "me": self.owner,
+                }
+                rows = await (await conn.execute(queries["issue_group"], params)).fetchall()
+                issued = {code: (slot_taken, at) for code, slot_taken, at in rows}
+            undo = [p.code for p in issuing
+                    if p.code in issued and p.slot is not None and not issued[p.code][0]]
+            if undo:
+                await conn.execute(queries["unissue_codes"], (undo,))
+            missed = [p for p in issuing if p.code not in issued]
+            lookups = missed + [p for p, _ in verify]
+            expired: set[int] = set()
+            earlier: dict[tuple[int, str], tuple[str, str]] = {}
+            mine: set[int] = set()
+            if missed:
+                rows = await (await conn.execute(
+                    queries["expired_batches"], (list({p.meta.key for p in missed}),))).fetchall()
+                expired = {row[0] for row in rows}
+                rows = await (await conn.execute(
+                    queries["leases_still_mine"],
+                    (list({p.lease for p in missed}), self.owner))).fetchall()
+                mine = {row[0] for row in rows}
+            if lookups:
+                rows = await (await conn.execute(
+                    queries["issued_by_request"],
+                    ([p.meta.key for p in lookups], [p.request_id for p in lookups]))).fetchall()
+                earlier = {(bk, rid): (code, cust) for bk, rid, code, cust in rows}
+            for p in issuing:
+                key = (p.meta.key, p.customer_id)
+                if p.code in issued and (p.slot is None or issued[p.code][0]):
+                    if self.pool.spent(p.lease):
+                        spent_leases.append(p.lease)
+                    outcome[p.tag] = (p.code, None)
+                elif p.code in issued:  # slot refused: our counter was stale
+                    self.pool.put_back(p.meta.key, p.code, p.lease)
+                    self.needs_load.add(key)
+                    retry.append(p)
+                elif p.meta.key in expired:
+                    outcome[p.tag] = (None, BatchExpired(f"batch {p.batch_id} has expired"))
+                elif (p.meta.key, p.request_id) in earlier:
+                    self.pool.put_back(p.meta.key, p.code, p.lease)
+                    outcome[p.tag] = self.replay(p, earlier[(p.meta.key, p.request_id)])
+                    self.needs_load.add(key)
+                elif p.lease not in mine:
+                    self.pool.drop_lease(p.lease)
+                    retry.append(p)
+                else:  # the code was issued by someone else: drop it, try another
+                    if self.pool.spent(p.lease):
+                        spent_leases.append(p.lease)
+                    retry.append(p)
+            for p, error in verify:
+                found = earlier.get((p.meta.key, p.request_id))
+                outcome[p.tag] = self.replay(p, found) if found else (None, error)
+            if spent_leases:
+                await conn.execute(queries["delete_leases"], (spent_leases, self.owner))
+        # Committed: only now may anyone learn of these codes.
+        for p in issuing:
+            result = outcome.get(p.tag)
+            if result is not None and result[0] == p.code:
+                self.release_slot(p, issued[p.code][1])
+            else:
+                self.release_slot(p)
+            if result is not None:
+                if result[1] is not None and isinstance(result[1], BatchExpired):
+                    p.meta.expired = True
+                    self.pool.drop_batch(p.meta.key)
+                self.answer(p, result[0], result[1])
+        for p, _ in verify:
+            code, error = outcome[p.tag]
+            self.answer(p, code, error)
+        for p in retry:
+            p.code = None
+            p.attempts += 1
+            if p.attempts >= MAX_ATTEMPTS:
+                self.answer(p, None, Unavailable("claim kept conflicting; retry"))
+            else:
+                deferred.append(p)
+
+    def replay(self, p: Pending, found: tuple[str, str]) -> tuple[str | None, AngoError | None]:
+        code, customer = found
+        if customer != p.customer_id:
+            return None, InvalidInput(
+                f"request id {p.request_id!r} was already used for another customer")
+        return code, None
+
+    # -- liveness -----------------------------------------------------------------
+
+    async def heartbeat(self) -> None:
+        """Beat, and adopt the leases of owners that stopped beating (I3)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                cur = await self.hb_conn.execute(queries["heartbeat"], (self.owner,))
+                if cur.rowcount == 0:
+                    log.error("shard %s: reaped by another process; exiting", self.index)
+                    os._exit(75)
+                await self.adopt(self.hb_conn)
+            except psycopg.OperationalError:
+                try:
+                    await self.hb_conn.close()
+                    self.hb_conn = await psycopg.AsyncConnection.connect(
+                        self.dsn, autocommit=True)
+                except psycopg.OperationalError:
+                    pass
+
+    async def close(self) -> None:
+        """Clean shutdown: retire so our leases are adoptable at once."""
+        try:
+            await self.hb_conn.execute(queries["retire_owner"], (self.owner,))
+        except psycopg.Error:
+            pass
+        for conn in (self.conn, self.hb_conn):
+            if conn is not None:
+                await conn.close()
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(fileno=args.fd)
+    shard = Shard(os.environ["ANGO_SHARD_DSN"], args.index, args.count, args.instance,
+                  [int(p) for p in args.parts.split(",") if p])
+    lost = loop.create_future()
+
+    def on_lost(exc: Exception | None) -> None:
+        shard.stopping = True
+        shard.wake.set()
+        if not lost.done():
+            lost.set_result(None)
+
+    decoder = msgspec.msgpack.Decoder(m.ToShard)
+    _, link = await loop.create_unix_connection(
+        lambda: m.FramedProtocol(decoder, shard.receive, on_lost), sock=sock)
+    shard.link = link
+    recovered = await shard.start()
+    shard.send(m.Ready(shard.owner, recovered))
+    beat = asyncio.create_task(shard.heartbeat())
+    try:
+        await shard.run()
+    finally:
+        beat.cancel()
+        shard.flush()
+        await shard.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="An Ango shard process (run by the Allocator).")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--instance", required=True)
+    parser.add_argument("--parts", default="")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the Allocator decides when we stop
+    try:
+        import uvloop
+        uvloop.run(main_async(args))
+    except ImportError:
+        asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
