@@ -1,0 +1,1 @@
+"""Benchmarks: run with `python -m benchmarks.<name>` or pytest with --benchmark-enable."""
