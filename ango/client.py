@@ -1,0 +1,491 @@
+"""Clients of ``ango serve``: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio).
+
+Both speak docs/PROTOCOL.md, raise the same ``ango.errors`` classes as the
+embedded allocator, reconnect after a dropped connection and retry retryable
+failures (``Unavailable``, a lost connection, no answer yet) with backoff until
+``timeout`` seconds have passed. A claim is retried with the same request id —
+the caller's, or one generated per call — so a retry never yields a second code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from ango.errors import (
+    AngoError,
+    AuthenticationFailed,
+    InvalidInput,
+    ProtocolError,
+    Unavailable,
+    error_from_code,
+)
+from ango.protocol import (
+    HEADER_SIZE,
+    MAX_FRAME,
+    PROTOCOL_VERSION,
+    BatchList,
+    Claim,
+    Code,
+    Error,
+    Expire,
+    Expired,
+    GetStats,
+    Hello,
+    ListBatches,
+    Stats,
+    Welcome,
+    append_frame,
+    response_decoder,
+    unpack_header,
+)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7878
+_FIRST_BACKOFF = 0.02
+_MAX_BACKOFF = 1.0
+_NAME = "ango-python"
+
+
+class _ConnectionLost(Exception):
+    """The connection broke before the answer came; the request may be retried."""
+
+
+def _token(token: str | None, data_dir: str | None) -> str:
+    if token:
+        return token
+    from ango.tokens import read_token
+
+    return read_token(data_dir) or ""
+
+
+def _encode(out: bytearray, msg: msgspec.Struct, max_frame: int) -> None:
+    start = len(out)
+    append_frame(out, msg)
+    if len(out) - start - HEADER_SIZE > max_frame:
+        del out[start:]
+        raise InvalidInput(f"request larger than the server's maximum frame of {max_frame} bytes")
+
+
+def _failure(resp: Error) -> AngoError:
+    return error_from_code(resp.code, resp.message)
+
+
+def _unexpected(resp: Any) -> ProtocolError:
+    return ProtocolError(f"unexpected answer from the server: {type(resp).__name__}")
+
+
+def _batches(resp: BatchList) -> list[dict[str, Any]]:
+    return [msgspec.structs.asdict(b) for b in resp.batches]
+
+
+class Client:
+    """A blocking client over one connection; safe to share between threads (calls take turns).
+
+    ``token`` defaults to ``ANGO_TOKEN``, else the token file in the data
+    directory. ``timeout`` bounds every call, retries included.
+    """
+
+    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
+                 timeout: float = 5.0, *, data_dir: str | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self._token = _token(token, data_dir)
+        self._sock: socket.socket | None = None
+        self._buf = bytearray()
+        self._next_id = 0
+        self._max_frame = MAX_FRAME
+        self._lock = threading.Lock()
+        self._closed = False
+        with self._lock:
+            self._retrying(lambda: None, time.monotonic() + timeout)
+
+    # --- public API ----------------------------------------------------------------
+
+    def claim(self, batch_id: str, customer_id: str, *, client_id: str | None = None,
+              request_id: str | None = None) -> str:
+        """A code of ``batch_id`` for ``customer_id``, committed before it is returned."""
+        rid = request_id or uuid.uuid4().hex
+        resp = self._request(lambda i: Claim(i, batch_id, customer_id, client_id, rid), Code)
+        return resp.code
+
+    def batches(self) -> list[dict[str, Any]]:
+        """Every batch with its counts, as dicts (fields as in docs/PROTOCOL.md)."""
+        return _batches(self._request(ListBatches, BatchList))
+
+    def expire(self, batch_id: str) -> bool:
+        """Expire ``batch_id``; False if it already was (also after a retry that had done it)."""
+        return self._request(lambda i: Expire(i, batch_id), Expired).changed
+
+    def stats(self) -> dict[str, Any]:
+        """Health and counters of the server and its allocator."""
+        return self._request(GetStats, Stats).stats
+
+    def close(self) -> None:
+        """Close the connection; the client cannot be used afterwards."""
+        self._closed = True
+        self._drop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals -------------------------------------------------------------------
+
+    def _request(self, build: Callable[[int], msgspec.Struct], expect: type) -> Any:
+        with self._lock:
+            resp = self._retrying(lambda: self._round_trip(build), time.monotonic() + self.timeout)
+        if type(resp) is not expect:
+            raise _unexpected(resp)
+        return resp
+
+    def _retrying(self, attempt: Callable[[], Any], deadline: float) -> Any:
+        delay = _FIRST_BACKOFF
+        while True:
+            if self._closed:
+                raise AngoError("the client is closed")
+            try:
+                if self._sock is None:
+                    self._connect(deadline)
+                return attempt()
+            except (OSError, _ConnectionLost, Unavailable) as exc:
+                if not isinstance(exc, Unavailable):
+                    self._drop()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if isinstance(exc, Unavailable):
+                        raise
+                    raise Unavailable(f"no answer from {self.host}:{self.port} within "
+                                      f"{self.timeout} s: {exc or type(exc).__name__}") from exc
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, _MAX_BACKOFF)
+
+    def _connect(self, deadline: float) -> None:
+        wait = max(0.001, deadline - time.monotonic())
+        sock = socket.create_connection((self.host, self.port), timeout=wait)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._buf = bytearray()
+        self._next_id = 0
+        resp = self._round_trip(lambda i: Hello(i, PROTOCOL_VERSION, self._token, _NAME), deadline)
+        if type(resp) is not Welcome:
+            raise _unexpected(resp)
+        self._max_frame = resp.max_frame
+
+    def _round_trip(self, build: Callable[[int], msgspec.Struct],
+                    deadline: float | None = None) -> Any:
+        assert self._sock is not None
+        self._next_id += 1
+        rid = self._next_id
+        out = bytearray()
+        _encode(out, build(rid), self._max_frame)
+        self._sock.sendall(out)
+        resp = self._receive(rid, deadline or time.monotonic() + self.timeout)
+        if type(resp) is Error:
+            raise _failure(resp)
+        return resp
+
+    def _receive(self, rid: int, deadline: float) -> Any:
+        sock = self._sock
+        assert sock is not None
+        while True:
+            buf = self._buf
+            pos = 0
+            while len(buf) - pos >= HEADER_SIZE:
+                (size,) = unpack_header(buf, pos)
+                if size > MAX_FRAME:
+                    raise ProtocolError(f"the server sent a frame of {size} bytes")
+                stop = pos + HEADER_SIZE + size
+                if stop > len(buf):
+                    break
+                resp = response_decoder.decode(bytes(buf[pos + HEADER_SIZE:stop]))
+                pos = stop
+                if resp.id == rid:
+                    self._buf = buf[pos:]
+                    return resp
+                if resp.id is None:  # the server is closing the connection, saying why
+                    self._buf = buf[pos:]
+                    exc = _failure(resp)
+                    if exc.retryable:
+                        raise _ConnectionLost(str(exc))
+                    raise exc
+                # else: the late answer of a request that timed out; drop it
+            self._buf = buf[pos:]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no answer in time")
+            sock.settimeout(remaining)
+            data = sock.recv(256 * 1024)
+            if not data:
+                raise _ConnectionLost("the server closed the connection")
+            self._buf += data
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+
+class _Connection(asyncio.Protocol):
+    """One pipelined connection of an :class:`AsyncClient`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.transport: asyncio.Transport | None = None
+        self.pending: dict[int, asyncio.Future] = {}
+        self.deadlines: collections.deque[tuple[float, int]] = collections.deque()
+        self.next_id = 0
+        self.max_frame = MAX_FRAME
+        self.closed = False
+        self.reason: BaseException = _ConnectionLost("the connection was lost")
+        self._buf = bytearray()
+        self._out = bytearray()
+        self._flush_scheduled = False
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_every = min(0.25, max(0.01, timeout / 10))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # noqa: D102
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
+        self._fail_all()
+
+    def data_received(self, data: bytes) -> None:  # noqa: D102
+        if self._buf:
+            self._buf += data
+            data = self._buf
+        pos = 0
+        end = len(data)
+        pending = self.pending
+        with memoryview(data) as view:
+            while end - pos >= HEADER_SIZE:
+                (size,) = unpack_header(data, pos)
+                stop = pos + HEADER_SIZE + size
+                if size > MAX_FRAME or stop > end:
+                    if size > MAX_FRAME:
+                        self.reason = ProtocolError(f"the server sent a frame of {size} bytes")
+                        self.close()
+                        return
+                    break
+                try:
+                    resp = response_decoder.decode(view[pos + HEADER_SIZE:stop])
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    self.reason = ProtocolError(f"undecodable answer from the server: {exc}")
+                    self.close()
+                    return
+                pos = stop
+                fut = pending.pop(resp.id, None)
+                if fut is not None:
+                    if not fut.done():
+                        fut.set_result(resp)
+                elif resp.id is None:  # the server is closing the connection, saying why
+                    err = _failure(resp)
+                    self.reason = _ConnectionLost(str(err)) if err.retryable else err
+        self._buf = bytearray(memoryview(data)[pos:]) if pos < end else bytearray()
+
+    def request(self, msg: msgspec.Struct, deadline: float) -> asyncio.Future:
+        """Queue ``msg`` (its id already set by :meth:`new_id`); the future gets the answer."""
+        fut = self.loop.create_future()
+        _encode(self._out, msg, self.max_frame)
+        self.pending[msg.id] = fut
+        self.deadlines.append((deadline, msg.id))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
+        return fut
+
+    def new_id(self) -> int:
+        """A request id unused on this connection."""
+        self.next_id += 1
+        return self.next_id
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and not self.closed:
+            out, self._out = self._out, bytearray()
+            self.transport.write(out)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = self.loop.time()
+        deadlines = self.deadlines
+        pending = self.pending
+        while deadlines and deadlines[0][0] <= now:
+            _, rid = deadlines.popleft()
+            fut = pending.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(TimeoutError("no answer in time"))
+        while deadlines and deadlines[0][1] not in pending:
+            deadlines.popleft()
+        if deadlines and not self.closed:
+            self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
+
+    def _fail_all(self) -> None:
+        self.closed = True
+        pending, self.pending = self.pending, {}
+        self.deadlines.clear()
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(self.reason)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def close(self) -> None:
+        """Close the transport and fail what is pending."""
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+        self._fail_all()
+
+
+class AsyncClient:
+    """An asyncio client; concurrent calls are pipelined over one connection.
+
+    Create it with ``await AsyncClient.connect(...)`` (or ``async with await
+    AsyncClient.connect(...) as client``). ``token`` defaults to ``ANGO_TOKEN``,
+    else the token file in the data directory; ``timeout`` bounds every call,
+    retries included.
+    """
+
+    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
+                 timeout: float = 5.0, *, data_dir: str | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self._token = _token(token, data_dir)
+        self._conn: _Connection | None = None
+        self._connecting: asyncio.Future | None = None
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                      token: str | None = None, timeout: float = 5.0, *,
+                      data_dir: str | None = None) -> AsyncClient:
+        """A connected client (the handshake done, retried until ``timeout``)."""
+        client = cls(host, port, token, timeout, data_dir=data_dir)
+        loop = asyncio.get_running_loop()
+        await client._connection(loop.time() + timeout)
+        return client
+
+    # --- public API ----------------------------------------------------------------
+
+    async def claim(self, batch_id: str, customer_id: str, *, client_id: str | None = None,
+                    request_id: str | None = None) -> str:
+        """A code of ``batch_id`` for ``customer_id``, committed before it is returned."""
+        rid = request_id or uuid.uuid4().hex
+        resp = await self._request(lambda i: Claim(i, batch_id, customer_id, client_id, rid), Code)
+        return resp.code
+
+    async def batches(self) -> list[dict[str, Any]]:
+        """Every batch with its counts, as dicts (fields as in docs/PROTOCOL.md)."""
+        return _batches(await self._request(ListBatches, BatchList))
+
+    async def expire(self, batch_id: str) -> bool:
+        """Expire ``batch_id``; False if it already was (also after a retry that had done it)."""
+        return (await self._request(lambda i: Expire(i, batch_id), Expired)).changed
+
+    async def stats(self) -> dict[str, Any]:
+        """Health and counters of the server and its allocator."""
+        return (await self._request(GetStats, Stats)).stats
+
+    async def close(self) -> None:
+        """Close the connection; the client cannot be used afterwards."""
+        self._closed = True
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- internals -------------------------------------------------------------------
+
+    async def _request(self, build: Callable[[int], msgspec.Struct], expect: type) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        delay = _FIRST_BACKOFF
+        while True:
+            if self._closed:
+                raise AngoError("the client is closed")
+            try:
+                conn = self._conn
+                if conn is None or conn.closed:
+                    conn = await self._connection(deadline)
+                resp = await conn.request(build(conn.new_id()), deadline)
+                if type(resp) is expect:
+                    return resp
+                if type(resp) is Error:
+                    raise _failure(resp)
+                raise _unexpected(resp)
+            except (_ConnectionLost, Unavailable, OSError) as exc:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    if isinstance(exc, Unavailable):
+                        raise
+                    raise Unavailable(f"no answer from {self.host}:{self.port} within "
+                                      f"{self.timeout} s: {exc or type(exc).__name__}") from exc
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(delay * 2, _MAX_BACKOFF)
+
+    async def _connection(self, deadline: float) -> _Connection:
+        """The open connection, opening one (shared by concurrent callers) if needed."""
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open(deadline))
+            self._connecting.add_done_callback(self._connected)
+        return await asyncio.shield(self._connecting)
+
+    def _connected(self, fut: asyncio.Future) -> None:
+        self._connecting = None
+        if not fut.cancelled() and fut.exception() is None:
+            self._conn = fut.result()
+
+    async def _open(self, deadline: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        delay = _FIRST_BACKOFF
+        while True:
+            try:
+                opening = loop.create_connection(lambda: _Connection(loop, self.timeout),
+                                                 self.host, self.port)
+                _, conn = await asyncio.wait_for(opening, max(0.001, deadline - loop.time()))
+                try:
+                    hello = Hello(conn.new_id(), PROTOCOL_VERSION, self._token, _NAME)
+                    resp = await conn.request(hello, deadline)
+                except BaseException:
+                    conn.close()
+                    raise
+                if type(resp) is Welcome:
+                    conn.max_frame = resp.max_frame
+                    return conn
+                conn.close()
+                if type(resp) is Error:
+                    raise _failure(resp)
+                raise _unexpected(resp)
+            except (OSError, _ConnectionLost, Unavailable) as exc:
+                remaining = deadline - loop.time()
+                if remaining <= 0 or self._closed:
+                    if isinstance(exc, (Unavailable, AuthenticationFailed)):
+                        raise
+                    raise Unavailable(f"cannot connect to {self.host}:{self.port}: "
+                                      f"{exc or type(exc).__name__}") from exc
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(delay * 2, _MAX_BACKOFF)

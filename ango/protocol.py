@@ -1,0 +1,222 @@
+"""The wire protocol between Ango clients and ``ango serve`` (spec: docs/PROTOCOL.md).
+
+A frame is a 4-byte big-endian unsigned length followed by that many bytes of
+MessagePack: one map, tagged by its ``type`` key, decoded into one of the
+``msgspec.Struct`` classes below. Every request carries a client-chosen integer
+``id`` that its response echoes, so a client may pipeline many requests and
+match responses that arrive in any order.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+#: Bumped on any incompatible change; ``hello`` carries it and the server refuses others.
+PROTOCOL_VERSION = 1
+#: Largest frame payload either side accepts, in bytes (the 4-byte header excluded).
+MAX_FRAME = 64 * 1024
+#: Bytes of the length prefix.
+HEADER_SIZE = 4
+
+HEADER = struct.Struct(">I")
+#: ``HEADER.unpack_from(buffer, offset) -> (length,)``.
+unpack_header = HEADER.unpack_from
+
+
+class _Message(msgspec.Struct, tag=True, tag_field="type"):
+    """Common base: every message is a map with a ``type`` tag and an ``id``."""
+
+
+# --- requests (client to server) -------------------------------------------------
+
+
+class Hello(_Message, tag="hello"):
+    """First frame of every connection: protocol version and token."""
+
+    id: int
+    version: int
+    token: str
+    client: str = ""
+
+
+class Claim(_Message, tag="claim"):
+    """Ask for a code of ``batch_id`` for ``customer_id``."""
+
+    id: int
+    batch_id: str
+    customer_id: str
+    client_id: str | None = None
+    request_id: str | None = None
+
+
+class ListBatches(_Message, tag="batches"):
+    """Ask for every batch with its counts."""
+
+    id: int
+
+
+class Expire(_Message, tag="expire"):
+    """Expire a batch; once answered, no claim of it succeeds."""
+
+    id: int
+    batch_id: str
+
+
+class GetStats(_Message, tag="stats"):
+    """Ask for health and counters."""
+
+    id: int
+
+
+class Ping(_Message, tag="ping"):
+    """Cheap liveness check; answered with ``pong`` without touching the allocator."""
+
+    id: int
+
+
+Request = Hello | Claim | ListBatches | Expire | GetStats | Ping
+
+
+# --- responses (server to client) ------------------------------------------------
+
+
+class Welcome(_Message, tag="welcome"):
+    """Answer to a good ``hello``: the connection may now send requests."""
+
+    id: int
+    version: int
+    server: str
+    max_frame: int
+    max_in_flight: int
+    idle_timeout: float
+
+
+class Code(_Message, tag="code"):
+    """Answer to ``claim``: the code, committed before this frame was sent."""
+
+    id: int
+    code: str
+
+
+class Batch(msgspec.Struct):
+    """One batch and its counts, as listed by ``batches``."""
+
+    id: str
+    name: str
+    client_id: str
+    rules: dict[str, Any] | None
+    expired: bool
+    total: int
+    issued: int
+    available: int
+    created_at: str
+
+
+class BatchList(_Message, tag="batch_list"):
+    """Answer to ``batches``."""
+
+    id: int
+    batches: list[Batch]
+
+
+class Expired(_Message, tag="expired"):
+    """Answer to ``expire``: ``changed`` is False when the batch already was expired."""
+
+    id: int
+    changed: bool
+
+
+class Stats(_Message, tag="stats_reply"):
+    """Answer to ``stats``: a map of counters (see docs/PROTOCOL.md)."""
+
+    id: int
+    stats: dict[str, Any]
+
+
+class Pong(_Message, tag="pong"):
+    """Answer to ``ping``."""
+
+    id: int
+
+
+class Error(_Message, tag="error"):
+    """A request failed (``id`` set) or the connection is being closed (``id`` nil).
+
+    ``code`` is one of the ``ango.errors`` codes; ``retryable`` means the same
+    request (same ``request_id``) may be sent again later.
+    """
+
+    id: int | None
+    code: str
+    message: str
+    retryable: bool = False
+
+
+Response = Welcome | Code | BatchList | Expired | Stats | Pong | Error
+
+
+class _Envelope(msgspec.Struct):
+    """What can be salvaged from a well-formed but invalid request: its id."""
+
+    id: int | None = None
+
+
+# --- encoding --------------------------------------------------------------------
+
+request_decoder = msgspec.msgpack.Decoder(Request)
+response_decoder = msgspec.msgpack.Decoder(Response)
+envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def salvage_id(payload: bytes | memoryview) -> int | None:
+    """The ``id`` of a payload that is a map with an integer ``id``, else None."""
+    try:
+        return envelope_decoder.decode(payload).id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def append_frame(buffer: bytearray, message: msgspec.Struct) -> None:
+    """Append ``message`` to ``buffer`` as one length-prefixed frame."""
+    start = len(buffer)
+    # encode_into writes at the offset and resizes the buffer to fit.
+    _encoder.encode_into(message, buffer, start + HEADER_SIZE)
+    HEADER.pack_into(buffer, start, len(buffer) - start - HEADER_SIZE)
+
+
+def encode_frame(message: msgspec.Struct) -> bytes:
+    """``message`` as one length-prefixed frame."""
+    buffer = bytearray()
+    append_frame(buffer, message)
+    return bytes(buffer)
+
+
+class FrameError(Exception):
+    """The byte stream is not a sequence of valid frames."""
+
+
+def split_frames(
+    buffer: bytes | bytearray, max_frame: int = MAX_FRAME
+) -> tuple[list[memoryview], int]:
+    """Complete frame payloads at the start of ``buffer`` and the bytes they used.
+
+    Raises FrameError when a header announces more than ``max_frame`` bytes.
+    """
+    view = memoryview(buffer)
+    frames: list[memoryview] = []
+    pos = 0
+    end = len(buffer)
+    while end - pos >= HEADER_SIZE:
+        (size,) = unpack_header(buffer, pos)
+        if size > max_frame:
+            raise FrameError(f"frame of {size} bytes exceeds the maximum of {max_frame}")
+        stop = pos + HEADER_SIZE + size
+        if stop > end:
+            break
+        frames.append(view[pos + HEADER_SIZE:stop])
+        pos = stop
+    return frames, pos

@@ -1,0 +1,43 @@
+"""The limits that keep one connection from harming the server or the others."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ango.protocol import MAX_FRAME
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-server and per-connection limits of the protocol server.
+
+    Breaking ``max_frame`` or sending garbage gets an error frame and the
+    connection closed. ``max_in_flight`` and ``write_high_water`` are enforced
+    by back-pressure instead: the server stops reading from a connection that
+    has that many requests unanswered, or that does not read its responses,
+    so a pipelining client is slowed, not cut off, and memory stays bounded.
+    """
+
+    #: Largest frame payload accepted, in bytes.
+    max_frame: int = MAX_FRAME
+    #: Requests of one connection being worked on at once; more wait in the socket.
+    max_in_flight: int = 1024
+    #: Open connections; one more is answered ``unavailable`` and closed.
+    max_connections: int = 1024
+    #: Seconds an authenticated connection may stay silent with nothing in flight.
+    idle_timeout: float = 300.0
+    #: Seconds a new connection has to send a good ``hello``.
+    handshake_timeout: float = 10.0
+    #: Unsent response bytes of one connection at which the server stops reading it.
+    write_high_water: int = 1024 * 1024
+    #: Unsent response bytes at which it reads again.
+    write_low_water: int = 256 * 1024
+    #: Seconds before a wrong token is answered (slows down guessing).
+    auth_failure_delay: float = 0.25
+    #: Wrong tokens from one address within ``auth_failure_window`` before that
+    #: address is refused outright until the window passes.
+    max_auth_failures: int = 20
+    #: Seconds over which wrong tokens are counted per address.
+    auth_failure_window: float = 60.0
+    #: Seconds a shutdown waits for claims in flight before closing anyway.
+    shutdown_grace: float = 30.0

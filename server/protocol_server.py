@@ -1,0 +1,541 @@
+"""The protocol server: a raw ``asyncio.Protocol`` speaking docs/PROTOCOL.md.
+
+Hot path, per connection: ``data_received`` cuts frames out of the bytes with a
+``memoryview``, decodes each with one typed msgspec decoder, hands claims to
+the allocator (which batches them to its shard processes per event-loop pass)
+and appends answers to an output buffer; all connections with answers are
+written once per loop pass, so a burst of pipelined claims costs one
+``transport.write``, not one per claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from functools import partial
+from typing import Any, Protocol
+
+import msgspec
+
+from ango import __version__
+from ango.errors import AngoError, AuthenticationFailed, InvalidInput, ProtocolError, Unavailable
+from ango.protocol import (
+    HEADER_SIZE,
+    PROTOCOL_VERSION,
+    Batch,
+    BatchList,
+    Claim,
+    Code,
+    Error,
+    Expire,
+    Expired,
+    GetStats,
+    Hello,
+    ListBatches,
+    Ping,
+    Pong,
+    Stats,
+    Welcome,
+    append_frame,
+    request_decoder,
+    salvage_id,
+    unpack_header,
+)
+
+from .limits import Limits
+
+log = logging.getLogger("ango.server")
+
+#: What a claim answers in ``noop`` mode.
+NOOP_CODE = "NOOP"
+
+_PAUSE_WRITE = 1  # the client does not read its responses
+_PAUSE_IN_FLIGHT = 2  # max_in_flight requests unanswered
+_PAUSE_AUTH = 4  # a wrong token is being answered, slowly
+
+
+class AllocatorLike(Protocol):
+    """What the server needs of ``ango.allocator.Allocator``."""
+
+    async def claim(self, batch_id: str, customer_id: str, *, client_id: str | None = None,
+                    request_id: str | None = None) -> str: ...
+    async def expire(self, batch_id: str) -> bool: ...
+    async def batches(self) -> list[dict[str, Any]]: ...
+    async def stats(self) -> dict[str, Any]: ...
+
+
+def error_frame(request_id: int | None, exc: BaseException) -> Error:
+    """The ``error`` message for ``exc`` (internal errors are not described)."""
+    if isinstance(exc, AngoError):
+        return Error(request_id, exc.code, str(exc), exc.retryable)
+    if isinstance(exc, asyncio.CancelledError):
+        return _cancelled(request_id)
+    return Error(request_id, AngoError.code, "internal error", False)
+
+
+def _cancelled(request_id: int) -> Error:
+    return Error(request_id, Unavailable.code, "the request was cancelled; retry it", True)
+
+
+def _batch(row: dict[str, Any]) -> Batch:
+    created = row.get("created_at")
+    return Batch(
+        id=str(row["id"]),
+        name=str(row["name"]),
+        client_id=str(row["client_id"]),
+        rules=row.get("rules"),
+        expired=bool(row["expired"]),
+        total=int(row["total"]),
+        issued=int(row["issued"]),
+        available=int(row["available"]),
+        created_at=created if isinstance(created, str) else created.isoformat() if created else "",
+    )
+
+
+class Connection(asyncio.Protocol):
+    """One client connection."""
+
+    __slots__ = (
+        "server", "transport", "peer", "authenticated", "in_flight", "last_active", "opened",
+        "closing", "_buf", "_out", "_dirty", "_paused", "_reading_paused", "_max_in_flight",
+    )
+
+    def __init__(self, server: ProtocolServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.authenticated = False
+        self.in_flight = 0
+        self.opened = self.last_active = server.loop.time()
+        self.closing = False
+        self._buf = bytearray()  # the start of a frame not yet complete (or unprocessed frames)
+        self._out = bytearray()  # answers not yet written
+        self._dirty = False
+        self._paused = 0
+        self._reading_paused = False
+        self._max_in_flight = server.limits.max_in_flight
+
+    # --- asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # noqa: D102
+        self.transport = transport  # type: ignore[assignment]
+        server = self.server
+        limits = server.limits
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else str(peer)
+        server.connections.add(self)
+        server.connections_accepted += 1
+        transport.set_write_buffer_limits(high=limits.write_high_water, low=limits.write_low_water)
+        if server.draining:
+            self.abort(Unavailable.code, "the server is shutting down", retryable=True)
+        elif len(server.connections) > limits.max_connections:
+            self.abort(Unavailable.code, "too many connections", retryable=True)
+        elif server.auth_blocked(self.peer):
+            self.abort(AuthenticationFailed.code, "too many wrong tokens from this address")
+
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
+        self.closing = True
+        self.server.connections.discard(self)
+        self._out = bytearray()
+        self._buf = bytearray()
+
+    def data_received(self, data: bytes) -> None:  # noqa: D102
+        if self.closing:
+            return
+        self.last_active = self.server.loop.time()
+        if self._buf:
+            self._buf += data
+            self._process_buffer()
+        else:
+            used = self._process(data)
+            if used < len(data) and not self.closing:
+                self._buf = bytearray(memoryview(data)[used:])
+
+    def eof_received(self) -> bool:  # noqa: D102
+        # Half-close: answer what is in flight, then close (returning False closes
+        # only after the write buffer is flushed).
+        return False
+
+    def pause_writing(self) -> None:  # noqa: D102
+        self._pause(_PAUSE_WRITE)
+
+    def resume_writing(self) -> None:  # noqa: D102
+        self._unpause(_PAUSE_WRITE)
+
+    # --- frames ----------------------------------------------------------------
+
+    def _process_buffer(self) -> None:
+        used = self._process(self._buf)
+        if used and not self.closing:
+            self._buf = self._buf[used:]
+
+    def _process(self, data: bytes | bytearray) -> int:
+        """Handle the complete frames at the start of ``data``; return the bytes used."""
+        pos = 0
+        end = len(data)
+        max_frame = self.server.limits.max_frame
+        with memoryview(data) as view:
+            while end - pos >= HEADER_SIZE and not self._paused:
+                (size,) = unpack_header(data, pos)
+                if size > max_frame:
+                    self.abort(ProtocolError.code,
+                               f"frame of {size} bytes exceeds the maximum of {max_frame}")
+                    return pos
+                stop = pos + HEADER_SIZE + size
+                if stop > end:
+                    break
+                self._handle(view[pos + HEADER_SIZE:stop])
+                pos = stop
+                if self.closing:
+                    break
+        return pos
+
+    def _handle(self, payload: memoryview) -> None:
+        server = self.server
+        server.requests += 1
+        try:
+            msg = request_decoder.decode(payload)
+        except msgspec.ValidationError as exc:
+            request_id = salvage_id(payload)
+            if request_id is None or not self.authenticated:
+                self.abort(ProtocolError.code, f"invalid request: {exc}")
+            else:
+                self.send(Error(request_id, InvalidInput.code, f"invalid request: {exc}", False))
+            return
+        except msgspec.DecodeError:
+            self.abort(ProtocolError.code, "malformed frame: not a MessagePack map")
+            return
+        kind = type(msg)
+        if kind is Claim:
+            if self.authenticated:
+                self._claim(msg)
+                return
+        elif kind is Hello:
+            self._hello(msg)
+            return
+        if not self.authenticated:
+            self.abort(AuthenticationFailed.code, "the first request must be hello")
+            return
+        alloc = server.allocator
+        if kind is Ping:
+            self.send(Pong(msg.id))
+        elif kind is GetStats:
+            if alloc is None:
+                self.send(Stats(msg.id, server.stats()))
+            else:
+                self._call(msg.id, alloc.stats(), self._stats_reply)
+        elif kind is ListBatches:
+            if alloc is None:
+                self.send(BatchList(msg.id, []))
+            else:
+                self._call(msg.id, alloc.batches(), self._batches_reply)
+        elif kind is Expire:
+            if alloc is None:
+                self.send(Expired(msg.id, False))
+            elif server.draining:
+                self.send(Error(msg.id, Unavailable.code, "the server is shutting down", True))
+            else:
+                self._call(msg.id, alloc.expire(msg.batch_id), self._expired_reply)
+
+    def _hello(self, msg: Hello) -> None:
+        server = self.server
+        if self.authenticated:
+            self.send(Error(msg.id, ProtocolError.code, "already authenticated", False))
+            return
+        if msg.version != PROTOCOL_VERSION:
+            self.abort(ProtocolError.code,
+                       f"unsupported protocol version {msg.version}; "
+                       f"this server speaks {PROTOCOL_VERSION}")
+            return
+        if server.auth_blocked(self.peer):
+            self.abort(AuthenticationFailed.code, "too many wrong tokens from this address")
+            return
+        if hmac.compare_digest(msg.token.encode(), server.token):
+            self.authenticated = True
+            limits = server.limits
+            self.send(Welcome(msg.id, PROTOCOL_VERSION, f"ango/{__version__}", limits.max_frame,
+                              limits.max_in_flight, limits.idle_timeout))
+            return
+        server.auth_failed(self.peer)
+        # Answer late, and read nothing more meanwhile: guessing is slow.
+        self._pause(_PAUSE_AUTH)
+        server.loop.call_later(server.limits.auth_failure_delay, self.abort,
+                               AuthenticationFailed.code, "wrong token")
+
+    # --- operations --------------------------------------------------------------
+
+    def _claim(self, msg: Claim) -> None:
+        server = self.server
+        alloc = server.allocator
+        if alloc is None:
+            server.claims_served += 1
+            self.send(Code(msg.id, NOOP_CODE))
+            return
+        if server.draining:
+            self.send(Error(msg.id, Unavailable.code, "the server is shutting down", True))
+            return
+        task = server.loop.create_task(alloc.claim(
+            msg.batch_id, msg.customer_id, client_id=msg.client_id, request_id=msg.request_id))
+        self._started()
+        task.add_done_callback(partial(self._claim_done, msg.id))
+
+    def _claim_done(self, request_id: int, task: asyncio.Task) -> None:
+        self._finished()
+        if task.cancelled():
+            self.send(_cancelled(request_id))
+            return
+        exc = task.exception()
+        if exc is None:
+            self.server.claims_served += 1
+            self.send(Code(request_id, task.result()))
+        else:
+            self._failed(request_id, exc)
+
+    def _call(self, request_id: int, coro: Any, reply: Any) -> None:
+        task = self.server.loop.create_task(coro)
+        self._started()
+        task.add_done_callback(partial(self._call_done, request_id, reply))
+
+    def _call_done(self, request_id: int, reply: Any, task: asyncio.Task) -> None:
+        self._finished()
+        if task.cancelled():
+            self.send(_cancelled(request_id))
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._failed(request_id, exc)
+            return
+        try:
+            self.send(reply(request_id, task.result()))
+        except Exception as exc:  # a result the wire cannot carry is a bug here, not the client's
+            self._failed(request_id, exc)
+
+    def _stats_reply(self, request_id: int, stats: dict[str, Any]) -> Stats:
+        merged = dict(stats)
+        merged["server"] = self.server.stats()
+        return Stats(request_id, merged)
+
+    @staticmethod
+    def _batches_reply(request_id: int, rows: list[dict[str, Any]]) -> BatchList:
+        return BatchList(request_id, [_batch(row) for row in rows])
+
+    @staticmethod
+    def _expired_reply(request_id: int, changed: bool) -> Expired:
+        return Expired(request_id, bool(changed))
+
+    def _failed(self, request_id: int, exc: BaseException) -> None:
+        if not isinstance(exc, AngoError):
+            log.error("request %s from %s failed", request_id, self.peer, exc_info=exc)
+        self.send(error_frame(request_id, exc))
+
+    def _started(self) -> None:
+        self.in_flight += 1
+        self.server.in_flight += 1
+        if self.in_flight >= self._max_in_flight:
+            self._pause(_PAUSE_IN_FLIGHT)
+
+    def _finished(self) -> None:
+        self.in_flight -= 1
+        server = self.server
+        server.in_flight -= 1
+        if self._paused & _PAUSE_IN_FLIGHT and self.in_flight < self._max_in_flight:
+            self._unpause(_PAUSE_IN_FLIGHT)
+        if server.in_flight == 0 and server.draining:
+            server.idle.set()
+
+    # --- output and flow control ---------------------------------------------------
+
+    def send(self, msg: msgspec.Struct) -> None:
+        """Queue ``msg``; it is written with everything else of this loop pass."""
+        if self.closing:
+            return
+        append_frame(self._out, msg)
+        if not self._dirty:
+            self._dirty = True
+            self.server.mark_dirty(self)
+
+    def flush(self) -> None:
+        """Write what is queued (called once per loop pass by the server)."""
+        self._dirty = False
+        if self._out and not self.closing:
+            out = self._out
+            # The transport may keep a view of the buffer: hand it over, start a new one.
+            self._out = bytearray()
+            self.transport.write(out)
+
+    def abort(self, code: str, message: str, *, retryable: bool = False) -> None:
+        """Send an ``error`` frame with a nil id, then close the connection."""
+        if self.closing:
+            return
+        log.debug("closing connection from %s: %s", self.peer, message)
+        append_frame(self._out, Error(None, code, message, retryable))
+        self.flush()
+        self.closing = True
+        self.transport.close()
+
+    def _pause(self, reason: int) -> None:
+        self._paused |= reason
+        if not self._reading_paused and not self.closing:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _unpause(self, reason: int) -> None:
+        self._paused &= ~reason
+        if not self._paused and self._reading_paused and not self.closing:
+            # Not from inside the transport's callbacks: resume on the next pass.
+            self.server.loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        if self._paused or self.closing or not self._reading_paused:
+            return
+        if self._buf:
+            self._process_buffer()
+            if self._paused or self.closing:
+                return
+        self._reading_paused = False
+        self.transport.resume_reading()
+
+
+class ProtocolServer:
+    """Serves an allocator over TCP; ``allocator=None`` is the ``noop`` mode.
+
+    In ``noop`` mode every claim is answered with the constant ``NOOP`` code
+    without touching shards or PostgreSQL: the transport's ceiling.
+    """
+
+    def __init__(self, allocator: AllocatorLike | None, *, token: str,
+                 limits: Limits | None = None) -> None:
+        if not token:
+            raise ValueError("a token is required")
+        self.allocator = allocator
+        self.token = token.encode()
+        self.limits = limits or Limits()
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[Connection] = set()
+        self.connections_accepted = 0
+        self.requests = 0
+        self.claims_served = 0
+        self.in_flight = 0
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.started = time.time()
+        self._server: asyncio.Server | None = None
+        self._dirty: list[Connection] = []
+        self._auth_failures: dict[str, list[float]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    @property
+    def noop(self) -> bool:
+        """True when claims are answered without an allocator."""
+        return self.allocator is None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 7878) -> tuple[str, int]:
+        """Start listening; return the address bound (``port=0`` picks a free port)."""
+        self._server = await self.loop.create_server(
+            lambda: Connection(self), host, port, backlog=1024, reuse_address=True)
+        self._schedule_sweep()
+        return self._server.sockets[0].getsockname()[:2]
+
+    @property
+    def port(self) -> int:
+        """The port listened on."""
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    def mark_dirty(self, conn: Connection) -> None:
+        """Have ``conn`` written at the end of this loop pass."""
+        if not self._dirty:
+            self.loop.call_soon(self._flush)
+        self._dirty.append(conn)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush()
+
+    def stats(self) -> dict[str, Any]:
+        """The server's own counters."""
+        return {
+            "protocol_version": PROTOCOL_VERSION,
+            "noop": self.noop,
+            "connections": len(self.connections),
+            "connections_accepted": self.connections_accepted,
+            "requests": self.requests,
+            "claims_served": self.claims_served,
+            "in_flight": self.in_flight,
+            "draining": self.draining,
+            "uptime_s": round(time.time() - self.started, 3),
+        }
+
+    # --- failed tokens -------------------------------------------------------------
+
+    def auth_failed(self, address: str) -> None:
+        """Count a wrong token from ``address``."""
+        self._auth_failures.setdefault(address, []).append(self.loop.time())
+
+    def auth_blocked(self, address: str) -> bool:
+        """True when ``address`` sent too many wrong tokens lately."""
+        failures = self._auth_failures.get(address)
+        if not failures:
+            return False
+        horizon = self.loop.time() - self.limits.auth_failure_window
+        failures[:] = [t for t in failures if t > horizon]
+        return len(failures) >= self.limits.max_auth_failures
+
+    # --- timeouts ----------------------------------------------------------------
+
+    def _schedule_sweep(self) -> None:
+        limits = self.limits
+        every = max(0.05, min(1.0, limits.idle_timeout / 4, limits.handshake_timeout / 4))
+        self._sweeper = self.loop.call_later(every, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        limits = self.limits
+        for conn in list(self.connections):
+            if conn.closing:
+                continue
+            if not conn.authenticated:
+                if now - conn.opened > limits.handshake_timeout and not conn._paused & _PAUSE_AUTH:
+                    conn.abort(AuthenticationFailed.code, "no hello in time")
+            elif conn.in_flight == 0 and now - conn.last_active > limits.idle_timeout:
+                conn.abort(Unavailable.code, "idle timeout", retryable=True)
+        horizon = now - limits.auth_failure_window
+        for address in [a for a, ts in self._auth_failures.items() if not ts or ts[-1] <= horizon]:
+            del self._auth_failures[address]
+        self._schedule_sweep()
+
+    # --- shutdown ----------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Stop accepting, answer the requests in flight, then close every connection.
+
+        Requests arriving meanwhile are answered ``unavailable`` (retryable), so
+        clients retry them against the next server.
+        """
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        if self.in_flight:
+            self.idle.clear()
+            try:
+                await asyncio.wait_for(self.idle.wait(), self.limits.shutdown_grace)
+            except TimeoutError:
+                log.warning("shutdown: %d requests still in flight after %.0f s",
+                            self.in_flight, self.limits.shutdown_grace)
+        self._flush()
+        for conn in list(self.connections):
+            conn.abort(Unavailable.code, "the server is shutting down", retryable=True)
+        # Closing transports flush their buffers first; give slow readers a moment.
+        for _ in range(100):
+            if not self.connections:
+                break
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            conn.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()
