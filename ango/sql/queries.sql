@@ -68,7 +68,7 @@ SELECT key, expired FROM ango.batches WHERE id = %s FOR UPDATE;
 -- name: expire_batch
 -- Mark a batch expired (idempotent) and drop its leases: nothing more is issued.
 WITH gone AS (DELETE FROM ango.leases WHERE batch_key = %(key)s)
-UPDATE ango.batches SET expired = true, expired_at = coalesce(expired_at, now())
+UPDATE ango.batches SET expired = true, expired_at = coalesce(expired_at, clock_timestamp())
 WHERE key = %(key)s;
 
 -- name: batch_meta
@@ -221,3 +221,49 @@ JOIN unnest(%s::integer[], %s::text[]) AS u(batch_key, customer_id)
 -- name: partitions_count
 -- Partition count, for routing.
 SELECT value::integer FROM ango.meta WHERE key = 'partitions';
+
+-- name: audit_issued_codes_exist
+-- I1: every issue names a code of its own batch.
+SELECT i.code FROM ango.issues i
+LEFT JOIN ango.codes c ON c.code = i.code AND c.batch_key = i.batch_key
+WHERE c.code IS NULL LIMIT 10;
+
+-- name: audit_orphaned_codes
+-- I3: an unissued code that was leased out must be in a lease held by an owner
+-- whose heartbeat is fresh (%s seconds), or released by a retired owner (then
+-- any shard adopts it at once); codes of expired batches do not count.
+SELECT c.code, b.id FROM ango.codes c
+JOIN ango.batches b ON b.key = c.batch_key AND NOT b.expired
+JOIN ango.lease_cursors lc ON lc.batch_key = c.batch_key AND c.seq <= lc.leased_upto
+WHERE NOT EXISTS (SELECT 1 FROM ango.issues i WHERE i.code = c.code)
+  AND NOT EXISTS (
+      SELECT 1 FROM ango.leases l LEFT JOIN ango.owners o ON o.id = l.owner
+      WHERE l.batch_key = c.batch_key AND c.seq > l.lo AND c.seq <= l.hi
+        AND (o.id IS NULL OR o.heartbeat > now() - make_interval(secs => %s)))
+LIMIT 10;
+
+-- name: audit_rules
+-- I4: no customer holds more codes of a batch than its rule allows in any
+-- window (each issue counts the customer's issues in the window ending at it).
+SELECT b.id, i.customer_id, count(*) AS n
+FROM ango.issues i
+JOIN ango.batches b ON b.key = i.batch_key AND b.rules ? 'maxpercustomer'
+JOIN ango.issues j ON j.batch_key = i.batch_key AND j.customer_id = i.customer_id
+     AND j.issued_at <= i.issued_at
+     AND (NOT b.rules ? 'timelimit'
+          OR j.issued_at > i.issued_at - make_interval(days => (b.rules ->> 'timelimit')::integer))
+GROUP BY b.id, i.code, i.customer_id, (b.rules ->> 'maxpercustomer')::integer
+HAVING count(*) > (b.rules ->> 'maxpercustomer')::integer
+LIMIT 10;
+
+-- name: audit_slots
+-- I4's records agree: every taken rule slot holds a code issued to that customer.
+SELECT s.batch_key, s.customer_id, s.code FROM ango.slots s
+LEFT JOIN ango.issues i ON i.code = s.code AND i.customer_id = s.customer_id
+WHERE i.code IS NULL LIMIT 10;
+
+-- name: audit_expired
+-- I5: nothing of an expired batch was issued after its expiry committed.
+SELECT b.id, count(*) FROM ango.issues i JOIN ango.batches b ON b.key = i.batch_key
+WHERE b.expired AND i.issued_at > b.expired_at
+GROUP BY b.id LIMIT 10;
