@@ -1,6 +1,7 @@
 """Ango: hands out unique codes to customers at high volume, each exactly once."""
 
 from ango.allocator import Allocator
+from ango.client import AsyncClient, Client
 from ango.errors import (
     AngoError,
     BatchExhausted,
@@ -14,9 +15,11 @@ from ango.errors import (
 __all__ = [
     "Allocator",
     "AngoError",
+    "AsyncClient",
     "BatchExhausted",
     "BatchExpired",
     "BatchNotFound",
+    "Client",
     "InvalidInput",
     "RuleViolation",
     "Unavailable",

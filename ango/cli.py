@@ -126,3 +126,77 @@ def expire(batch_id: str, dsn: str | None, data_dir: str | None) -> None:
     except AngoError as exc:
         raise _fail(exc) from None
     click.echo(f"expired {batch_id}" if changed else f"{batch_id} was already expired")
+
+
+@main.command()
+@_dsn_option
+@_data_dir_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=7878, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on (0: any free port, logged when ready).")
+@click.option("--shards", default=None, type=click.IntRange(1, 256),
+              help="Shard processes (default: one per CPU core).")
+@click.option("--token", envvar="ANGO_TOKEN", default=None,
+              help="Token clients must present (else ANGO_TOKEN, else <data dir>/token, "
+                   "generated with mode 0600 if missing).")
+@click.option("--noop", is_flag=True,
+              help="Answer every claim with a constant code, without shards or database "
+                   "(measures the transport).")
+def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: int | None,
+          token: str | None, noop: bool) -> None:
+    """Serve claims over TCP (docs/PROTOCOL.md) until SIGTERM or SIGINT."""
+    import logging
+
+    from ango.server import serve as run_server
+    from ango.tokens import ensure_token
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if token:
+        token_source = "token from --token/ANGO_TOKEN"
+    else:
+        token, path = ensure_token(data_dir)
+        token_source = f"token in {path}"
+
+    def ready(server, bound_host: str, bound_port: int) -> None:
+        mode = "noop" if server.noop else f"{server.allocator.shard_count} shards"
+        logging.getLogger("ango.server").info(
+            "ango serving on %s:%d (protocol %d, %s, %s)", bound_host, bound_port,
+            server.stats()["protocol_version"], mode, token_source)
+
+    try:
+        run_server(dsn=dsn, data_dir=data_dir, token=token, host=host, port=port, shards=shards,
+                   noop=noop, on_ready=ready)
+    except AngoError as exc:
+        raise _fail(exc) from None
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise click.ClickException(f"cannot serve on {host}:{port}: {reason}") from None
+
+
+@main.command()
+@click.argument("batch_id")
+@click.argument("customer_id")
+@click.option("--client", "client_id", default=None,
+              help="Client id (UUID) the batch must belong to.")
+@click.option("--request-id", default=None,
+              help="Idempotency key: the same id always returns the same code.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Server address.")
+@click.option("--port", default=7878, show_default=True, type=click.IntRange(1, 65535),
+              help="Server port.")
+@click.option("--token", envvar="ANGO_TOKEN", default=None,
+              help="Server token (else ANGO_TOKEN, else <data dir>/token).")
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds to keep trying, retries included.")
+@_data_dir_option
+def claim(batch_id: str, customer_id: str, client_id: str | None, request_id: str | None,
+          host: str, port: int, token: str | None, timeout: float, data_dir: str | None) -> None:
+    """Claim a code of BATCH_ID for CUSTOMER_ID from a running `ango serve`; print it."""
+    from ango.client import Client
+
+    try:
+        with Client(host, port, token, timeout, data_dir=data_dir) as client:
+            code = client.claim(batch_id, customer_id, client_id=client_id, request_id=request_id)
+    except AngoError as exc:
+        raise click.ClickException(f"{exc.code}: {exc}") from None
+    click.echo(code)
