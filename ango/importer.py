@@ -15,7 +15,9 @@ Accepted formats:
 from __future__ import annotations
 
 import csv
+import queue
 import re
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from ango.sql import queries
 
 MAX_CODE_LENGTH = 256
 MAX_LINE_BYTES = 64 * 1024
-_CHUNK_ROWS = 5000
+_BLOCK_BYTES = 1 << 20
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _COPY_LINE = re.compile(r"line (\d+)")
 
@@ -56,13 +58,23 @@ def parse_uuid(value: object, what: str) -> uuid.UUID:
 
 
 class _Rows:
-    """Validated (line number, code) pairs from a binary stream."""
+    """Validated codes from a binary stream, in blocks of consecutive lines.
 
-    def __init__(self, stream: BinaryIO, client_id: uuid.UUID, progress) -> None:
+    Each block is a list of codes, one per line, in file order; ``header_lines``
+    tells how many lines came before the first code. A block of whole lines is
+    first checked as one string (a few C-speed scans); only when that finds
+    anything unusual (quotes, control characters, spaces around a field, a
+    client id spelled otherwise, bad UTF-8, an empty or long code...) do its
+    lines go through the exact line-by-line checks, which accept what is fine
+    and name the line of what is not.
+    """
+
+    def __init__(self, stream: BinaryIO, client_id: uuid.UUID) -> None:
         self.stream = stream
         self.client_id = client_id
-        self.progress = progress
         self.header_lines = 0
+        self.consumed = 0  # bytes of the stream behind the codes yielded so far
+        self.width, self.code_at, self.client_at = 1, 0, None
 
     def _fail(self, line: int, reason: str) -> ImportFailed:
         return ImportFailed(f"line {line}: {reason}; nothing was imported")
@@ -73,7 +85,8 @@ class _Rows:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise self._fail(line_no, f"bytes that are not UTF-8 at column {exc.start + 1}") from None
+            reason = f"bytes that are not UTF-8 at column {exc.start + 1}"
+            raise self._fail(line_no, reason) from None
         text = text.rstrip("\r\n")
         if text.startswith("\ufeff") and line_no == 1:
             text = text[1:]
@@ -85,68 +98,203 @@ class _Rows:
             raise self._fail(line_no, f"malformed CSV ({exc})") from None
         return [field.strip() for field in fields]
 
-    def __iter__(self) -> Iterator[tuple[int, str]]:
-        lines = iter(self.stream)
+    def _code(self, line_no: int, fields: list[str]) -> str:
+        """The code of one split line, or ImportFailed naming the line."""
+        if len(fields) != self.width:
+            raise self._fail(line_no, f"expected {self.width} column(s), found {len(fields)}")
+        code = fields[self.code_at]
+        if not code:
+            raise self._fail(line_no, "empty code")
+        if len(code) > MAX_CODE_LENGTH:
+            raise self._fail(line_no, f"code longer than {MAX_CODE_LENGTH} characters")
+        if _CONTROL.search(code):
+            raise self._fail(line_no, "code contains a control character")
+        client_at = self.client_at
+        if client_at is not None and fields[client_at] != str(self.client_id):
+            try:
+                same = uuid.UUID(fields[client_at]) == self.client_id
+            except ValueError:
+                same = False
+            if not same:
+                raise self._fail(
+                    line_no,
+                    f"client_id {fields[client_at][:80]!r} differs from --client {self.client_id}",
+                )
+        return code
+
+    def _slow(self, line_no: int, block: bytes) -> list[str]:
+        """Every line of ``block`` checked on its own (the exact rules)."""
+        lines = block.split(b"\n")
+        if block.endswith(b"\n"):
+            lines.pop()
+        return [self._code(n, self._split(n, raw)) for n, raw in enumerate(lines, line_no)]
+
+    def _fast(self, block: bytes) -> list[str] | None:
+        """The codes of ``block`` if it holds nothing unusual, else None."""
         try:
-            first = next(lines)
-        except StopIteration:
+            text = block.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if "\r" in text:
+            text = text.replace("\r\n", "\n")
+        body = text[:-1] if text.endswith("\n") else text
+        if self.width == 1:
+            codes = body
+        elif self.width == 2:
+            # The original's CSV: drop the expected client id from every line, then
+            # what remains must be one code per line.
+            lines = body.count("\n") + 1
+            if body.count(",") != lines:
+                return None
+            client = str(self.client_id)
+            if self.client_at == 0:
+                framed, cut = "\n" + body, "\n" + client + ","
+                if framed.count(cut) != lines:
+                    return None
+                codes = framed.replace(cut, "\n")[1:]
+            else:
+                framed, cut = body + "\n", "," + client + "\n"
+                if framed.count(cut) != lines:
+                    return None
+                codes = framed.replace(cut, "\n")[:-1]
+        else:
+            return None
+        # Anything the exact checks might treat otherwise sends the block there:
+        # a comma, a quote, an empty line, a space at either end of a code, or any
+        # character that is not printable (controls, tabs, other whitespace).
+        if (
+            not codes
+            or codes[0] in " \n"
+            or codes[-1] in " \n"
+            or "\n\n" in codes
+            or " \n" in codes
+            or "\n " in codes
+            or "," in codes
+            or '"' in codes
+            or not codes.replace("\n", "").isprintable()
+        ):
+            return None
+        split = codes.split("\n")
+        if max(map(len, split)) > MAX_CODE_LENGTH:
+            return None
+        return split
+
+    def _blocks(self) -> Iterator[bytes]:
+        """Whole lines of the stream, about ``_BLOCK_BYTES`` at a time."""
+        rest = b""
+        while data := self.stream.read(_BLOCK_BYTES):
+            data = rest + data if rest else data
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:
+                rest = data
+                if len(rest) > MAX_LINE_BYTES:
+                    raise self._fail(self._next_line, f"line longer than {MAX_LINE_BYTES} bytes")
+                continue
+            rest = data[cut:]
+            yield data[:cut] if rest else data
+        if rest:
+            yield rest
+
+    def __iter__(self) -> Iterator[list[str]]:
+        first = self.stream.readline(MAX_LINE_BYTES + 1)
+        if not first:
             return
-        line_no = 1
-        consumed = len(first)
+        if len(first) > MAX_LINE_BYTES:
+            raise self._fail(1, f"line longer than {MAX_LINE_BYTES} bytes")
+        if first.startswith(b"\xef\xbb\xbf"):
+            first = first[3:]
         fields = self._split(1, first)
         lowered = [f.lower() for f in fields]
+        self.consumed = len(first)
+        self._next_line = 2
         if "code" in lowered:
             self.header_lines = 1
-            width = len(fields)
-            code_at = lowered.index("code")
-            client_at = lowered.index("client_id") if "client_id" in lowered else None
-            if client_at is None and width != 1:
-                raise self._fail(1, "a header with several columns must name 'client_id' and 'code'")
-            pending: list[str] | None = None
+            self.width = len(fields)
+            self.code_at = lowered.index("code")
+            self.client_at = lowered.index("client_id") if "client_id" in lowered else None
+            if self.client_at is None and self.width != 1:
+                raise self._fail(
+                    1, "a header with several columns must name 'client_id' and 'code'"
+                )
         else:
-            width, code_at, client_at = 1, 0, None
-            pending = fields
-        client = str(self.client_id)
-        progress = self.progress
-        while True:
-            if pending is None:
-                try:
-                    raw = next(lines)
-                except StopIteration:
-                    break
-                line_no += 1
-                consumed += len(raw)
-                if progress is not None and line_no % 8192 == 0:
-                    progress(consumed)
-                fields = self._split(line_no, raw)
-            else:
-                fields, pending = pending, None
-            if len(fields) != width:
-                raise self._fail(line_no, f"expected {width} column(s), found {len(fields)}")
-            code = fields[code_at]
-            if not code:
-                raise self._fail(line_no, "empty code")
-            if len(code) > MAX_CODE_LENGTH:
-                raise self._fail(line_no, f"code longer than {MAX_CODE_LENGTH} characters")
-            if _CONTROL.search(code):
-                raise self._fail(line_no, "code contains a control character")
-            if client_at is not None and fields[client_at] != client:
-                try:
-                    same = uuid.UUID(fields[client_at]) == self.client_id
-                except ValueError:
-                    same = False
-                if not same:
-                    raise self._fail(
-                        line_no,
-                        f"client_id {fields[client_at][:80]!r} differs from --client {client}",
-                    )
-            yield line_no, code
-        if progress is not None:
-            progress(consumed)
+            yield [self._code(1, fields)]
+        for block in self._blocks():
+            codes = self._fast(block)
+            if codes is None:
+                codes = self._slow(self._next_line, block)
+            self._next_line += len(codes)
+            self.consumed += len(block)
+            yield codes
 
 
-def _copy_line(code: str, batch_key: int, seq: int) -> str:
-    return f"{code.replace(chr(92), chr(92) * 2)}\t{batch_key}\t{seq}\n"
+def _copy_blocks(rows: _Rows, batch_key: int) -> Iterator[tuple[int, str, int]]:
+    """(codes so far, COPY text of the next block, bytes read) for ``ango.codes``."""
+    seq = 0
+    for codes in rows:
+        first = seq + 1
+        seq += len(codes)
+        text = "".join([
+            f"{code}\t{batch_key}\t{n}\n"
+            for code, n in zip(codes, range(first, seq + 1), strict=True)
+        ])
+        if "\\" in text:  # the only character COPY text format needs escaped here
+            text = text.replace("\\", "\\\\")
+        yield seq, text, rows.consumed
+
+
+class _Background:
+    """Run an iterator in a thread, a few items ahead of the consumer.
+
+    Reading and checking the file is Python work, while sending it is mostly
+    waiting for the server to insert and index: overlapping the two hides most
+    of the former. The queue is short, so only a few blocks are in memory.
+    """
+
+    _DONE = object()
+
+    def __init__(self, items: Iterator, depth: int = 4) -> None:
+        self._items = items
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ango-import-reader", daemon=True)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._items:
+                if not self._put(item):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(_Raised(exc))
+            return
+        self._put(self._DONE)
+
+    def __enter__(self) -> _Background:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __iter__(self) -> Iterator:
+        while (item := self._queue.get()) is not self._DONE:
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+
+
+@dataclass(frozen=True)
+class _Raised:
+    exc: BaseException
 
 
 def import_codes(
@@ -178,7 +326,7 @@ def import_codes(
 
 def _import(dsn, stream, client, batch_name, rules_json, progress) -> ImportResult:
     batch_id = uuid.uuid4()
-    rows = _Rows(stream, client, progress)
+    rows = _Rows(stream, client)
     seq = 0
     with psycopg.connect(dsn) as conn:
         try:
@@ -187,16 +335,15 @@ def _import(dsn, stream, client, batch_name, rules_json, progress) -> ImportResu
                 queries["insert_batch"],
                 (batch_id, client, batch_name, psycopg.types.json.Jsonb(rules_json)),
             ).fetchone()
-            with conn.cursor().copy(queries["copy_codes"]) as copy:
-                chunk: list[str] = []
-                for _line, code in rows:
-                    seq += 1
-                    chunk.append(_copy_line(code, batch_key, seq))
-                    if len(chunk) >= _CHUNK_ROWS:
-                        copy.write("".join(chunk))
-                        chunk.clear()
-                if chunk:
-                    copy.write("".join(chunk))
+            with (
+                _Background(_copy_blocks(rows, batch_key)) as blocks,
+                conn.cursor().copy(queries["copy_codes"]) as copy,
+            ):
+                for done, text, consumed in blocks:
+                    copy.write(text)
+                    seq = done
+                    if progress is not None:
+                        progress(consumed)
             if seq == 0:
                 raise ImportFailed("the file holds no codes; nothing was imported")
             conn.execute(queries["set_batch_total"], (seq, batch_key))

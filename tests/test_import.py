@@ -7,8 +7,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_rules import BAD_RULES  # pytest puts tests/ on sys.path
 
+from ango import importer
 from ango.errors import ImportFailed, InvalidInput
 from ango.importer import MAX_CODE_LENGTH, import_codes
 
@@ -291,3 +294,115 @@ def test_bad_row_late_in_a_large_file_leaves_nothing(dsn, db, tmp_path):
     with pytest.raises(ImportFailed, match=r"^line 50001: code 'LATE-17' is repeated"):
         import_codes(dsn, path, CLIENT, "late")
     assert snapshot(db) == before
+
+
+# --- the block fast path agrees with the exact line-by-line checks -------------
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Read the file a few lines at a time, so that small files span many blocks."""
+    monkeypatch.setattr(importer, "_BLOCK_BYTES", 64)
+
+
+def test_error_line_numbers_stay_exact_across_blocks(dsn, db, tmp_path, small_blocks):
+    lines = [f"{CLIENT},CODE-{i}" for i in range(2, 60)] + [f"{CLIENT},", f"{CLIENT},LAST"]
+    path = write(tmp_path, "client_id,code\n" + "\n".join(lines) + "\n")
+    before = snapshot(db)
+    with pytest.raises(ImportFailed, match=r"^line 60: empty code"):
+        import_codes(dsn, path, CLIENT, "blocks")
+    assert snapshot(db) == before
+
+
+def test_duplicate_line_numbers_stay_exact_across_blocks(dsn, db, tmp_path, small_blocks):
+    path = write(tmp_path, "".join(f"C{i}\n" for i in range(1, 80)) + "C7\n")
+    with pytest.raises(ImportFailed, match=r"^line 80: code 'C7' is repeated .* line 7\)"):
+        import_codes(dsn, path, CLIENT, "blocks")
+
+
+def test_unusual_lines_between_plain_ones_are_read_exactly(dsn, db, tmp_path, small_blocks):
+    rows = []
+    expected = []
+    for i in range(40):
+        code = f"CODE-{i:03d}"
+        if i % 7 == 1:
+            rows.append(f'"{CLIENT}"," {code} "\r\n')  # quoted, padded, CRLF
+        elif i % 7 == 3:
+            rows.append(f"{CLIENT.upper()},{code}\n")  # the client id spelled otherwise
+        elif i % 7 == 5:
+            code = f"with space {i}"
+            rows.append(f"{CLIENT},{code}\n")
+        else:
+            rows.append(f"{CLIENT},{code}\n")
+        expected.append(code)
+    path = write(tmp_path, "client_id,code\n" + "".join(rows))
+    result = import_codes(dsn, path, CLIENT, "mixed")
+    got = codes_of(db, result.batch_id)
+    assert [code for code, _ in got] == expected
+    assert [seq for _, seq in got] == list(range(1, 41))
+
+
+def test_code_first_column_order_is_read_fast_and_exactly(dsn, db, tmp_path, small_blocks):
+    body = "".join(f"R{i},{CLIENT}\n" for i in range(30))
+    result = import_codes(dsn, write(tmp_path, "code,client_id\n" + body), CLIENT, "rev")
+    assert [code for code, _ in codes_of(db, result.batch_id)] == [f"R{i}" for i in range(30)]
+
+
+def test_line_without_end_longer_than_the_limit_is_refused(dsn, db, tmp_path):
+    path = write(tmp_path, "code\nA\n" + "x" * (importer.MAX_LINE_BYTES + 10))
+    before = snapshot(db)
+    with pytest.raises(ImportFailed, match=r"^line 3: line longer than"):
+        import_codes(dsn, path, CLIENT, "long")
+    assert snapshot(db) == before
+
+
+def test_progress_reports_bytes_read_up_to_the_file_size(dsn, tmp_path, small_blocks):
+    path = write(tmp_path, "".join(f"P{i}\n" for i in range(100)))
+    seen: list[int] = []
+    import_codes(dsn, path, CLIENT, "progress", progress=seen.append)
+    assert seen == sorted(seen)
+    assert seen[-1] == path.stat().st_size
+
+
+class _FailingStream(io.BytesIO):
+    def read(self, size=-1):
+        raise OSError("disk went away")
+
+
+def test_read_error_aborts_the_import_and_changes_nothing(dsn, db):
+    before = snapshot(db)
+    with pytest.raises(OSError, match="disk went away"):
+        import_codes(dsn, _FailingStream(b"code\nA\nB\n"), CLIENT, "broken")
+    assert snapshot(db) == before
+
+
+_ALPHABET = st.sampled_from(
+    ["A", "b", "7", ",", '"', " ", "\t", "\r", "\\", "\x00", "\x7f", "\xa0", "é", "\u2028", "x"]
+)
+_LINE = st.lists(_ALPHABET, max_size=12).map("".join)
+
+
+def _exact(rows: importer._Rows, block: bytes):
+    try:
+        return rows._slow(2, block)
+    except ImportFailed:
+        return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(_LINE, min_size=1, max_size=8), layout=st.sampled_from([1, 20, 21]),
+       final_newline=st.booleans())
+def test_fast_path_accepts_only_what_the_exact_checks_accept_identically(
+    lines, layout, final_newline
+):
+    rows = importer._Rows(io.BytesIO(), uuid.UUID(CLIENT))
+    if layout == 20:  # client_id,code
+        rows.width, rows.code_at, rows.client_at = 2, 1, 0
+        lines = [f"{CLIENT},{line}" for line in lines]
+    elif layout == 21:  # code,client_id
+        rows.width, rows.code_at, rows.client_at = 2, 0, 1
+        lines = [f"{line},{CLIENT}" for line in lines]
+    block = ("\n".join(lines) + ("\n" if final_newline else "")).encode()
+    fast = rows._fast(block)
+    if fast is not None:
+        assert fast == _exact(rows, block)
