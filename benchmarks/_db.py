@@ -82,3 +82,36 @@ def plain_copy(dsn: str, path: Path, chunk_bytes: int = 1 << 20) -> int:
             rows = cur.rowcount
         conn.commit()
     return rows
+
+
+def write_codes_copy(csv_path: Path, path: Path, batch_key: int = 1) -> Path:
+    """The codes of ``csv_path`` as ``ango.codes`` COPY text (code, batch key, seq)."""
+    with open(csv_path) as src, open(path, "w", buffering=1 << 20) as out:
+        next(src)
+        for seq, line in enumerate(src, 1):
+            out.write(f"{line.rstrip().split(',')[1]}\t{batch_key}\t{seq}\n")
+    return path
+
+
+def create_floor_batch(dsn: str) -> int:
+    """A batch to COPY pre-made rows into; returns its key."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute("INSERT INTO ango.clients (id) VALUES (%s)", (CLIENT,))
+        (key,) = conn.execute(
+            "INSERT INTO ango.batches (id, client_id, name) VALUES (%s, %s, 'floor') RETURNING key",
+            (uuid.uuid4(), CLIENT),
+        ).fetchone()
+        conn.commit()
+    return key
+
+
+def floor_copy(dsn: str, path: Path, chunk_bytes: int = 1 << 20) -> int:
+    """The server's share of an import: pre-made rows COPYed straight into ``ango.codes``."""
+    with psycopg.connect(dsn) as conn, open(path, "rb") as stream:
+        with conn.cursor() as cur:
+            with cur.copy("COPY ango.codes (code, batch_key, seq) FROM STDIN") as copy:
+                while chunk := stream.read(chunk_bytes):
+                    copy.write(chunk)
+            rows = cur.rowcount
+        conn.commit()
+    return rows

@@ -10,6 +10,12 @@ then times a plain ``COPY ... (FORMAT csv, HEADER)`` of the same file's raw
 bytes into an unindexed two-column table in that database. Runs are
 interleaved so that drift on a shared machine hits both sides alike; the
 medians and their ratio are printed (target: import ≤ 1.5 × plain COPY).
+
+``--floor`` adds a third side, in a database of its own: the same codes already
+in ``ango.codes``' COPY format (made before timing) COPYed straight into
+``ango.codes``. It is what the server alone spends on the import (partition
+routing, the primary key on code, the (batch_key, seq) index), so the gap
+between it and the import is what Ango's own Python costs.
 """
 
 from __future__ import annotations
@@ -27,10 +33,13 @@ import psycopg
 from ango.importer import import_codes
 from benchmarks._db import (
     CLIENT,
+    create_floor_batch,
     create_plain_table,
+    floor_copy,
     fresh_database,
     plain_copy,
     server_dsn,
+    write_codes_copy,
     write_codes_csv,
 )
 
@@ -44,15 +53,31 @@ def _checkpoint(dsn: str) -> None:
         pass  # not a superuser: run without
 
 
-def run(codes: int, runs: int, dsn: str | None) -> dict:
+def _floor(server: str, copy_path: Path, codes: int) -> float:
+    with fresh_database(server) as db:
+        if create_floor_batch(db) != 1:
+            raise RuntimeError("a fresh database's first batch should have key 1")
+        _checkpoint(db)
+        start = time.perf_counter()
+        copied = floor_copy(db, copy_path)
+        elapsed = time.perf_counter() - start
+    assert copied == codes, copied
+    return elapsed
+
+
+def run(codes: int, runs: int, dsn: str | None, floor: bool = False) -> dict:
     """Time ``runs`` interleaved imports and plain COPYs; return the figures."""
     server = server_dsn(dsn)
     with tempfile.TemporaryDirectory(prefix="ango-bench-") as tmp:
         path = write_codes_csv(Path(tmp) / "codes.csv", codes)
+        copy_path = write_codes_copy(path, Path(tmp) / "codes.copy") if floor else None
         size = path.stat().st_size
         imports: list[float] = []
         copies: list[float] = []
+        floors: list[float] = []
         for n in range(runs):
+            if copy_path is not None:
+                floors.append(_floor(server, copy_path, codes))
             with fresh_database(server) as db:
                 create_plain_table(db)
                 # Alternate which side goes first, so neither always meets a warmer cache.
@@ -68,11 +93,12 @@ def run(codes: int, runs: int, dsn: str | None) -> dict:
                         copied = plain_copy(db, path)
                         assert copied == codes, copied
                         copies.append(time.perf_counter() - start)
-                print(f"run {n + 1}: import {imports[-1]:.2f} s, plain COPY {copies[-1]:.2f} s",
-                      file=sys.stderr)
+                extra = f", floor {floors[-1]:.2f} s" if floors else ""
+                print(f"run {n + 1}: import {imports[-1]:.2f} s, plain COPY {copies[-1]:.2f} s"
+                      f"{extra}", file=sys.stderr)
     import_s = statistics.median(imports)
     copy_s = statistics.median(copies)
-    return {
+    figures = {
         "codes": codes,
         "file_bytes": size,
         "runs": runs,
@@ -83,6 +109,11 @@ def run(codes: int, runs: int, dsn: str | None) -> dict:
         "all_import_s": [round(x, 3) for x in imports],
         "all_plain_copy_s": [round(x, 3) for x in copies],
     }
+    if floors:
+        figures["floor_s"] = round(statistics.median(floors), 3)
+        figures["floor_ratio"] = round(figures["floor_s"] / copy_s, 2)
+        figures["all_floor_s"] = [round(x, 3) for x in floors]
+    return figures
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,11 +122,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--codes", type=int, default=1_000_000, help="codes in the file")
     parser.add_argument("--runs", type=int, default=3, help="runs of each side (median)")
     parser.add_argument("--dsn", default=None, help="PostgreSQL server to use")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time pre-made rows COPYed straight into ango.codes")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     if args.codes < 1 or args.runs < 1:
         parser.error("--codes and --runs must be at least 1")
-    figures = run(args.codes, args.runs, args.dsn)
+    figures = run(args.codes, args.runs, args.dsn, args.floor)
     if args.json:
         print(json.dumps(figures))
         return
@@ -104,6 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  ango import : {figures['import_s']:.2f} s "
           f"({figures['import_codes_per_s']:,} codes/s)")
     print(f"  plain COPY  : {figures['plain_copy_s']:.2f} s")
+    if "floor_s" in figures:
+        print(f"  floor       : {figures['floor_s']:.2f} s "
+              f"({figures['floor_ratio']:.2f}x plain COPY: the server's share of an import)")
     print(f"  ratio       : {figures['ratio']:.2f}x (target <= 1.5x)")
 
 
