@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +57,11 @@ _NAME = "ango-python"
 
 class _ConnectionLost(Exception):
     """The connection broke before the answer came; the request may be retried."""
+
+
+def new_request_id() -> str:
+    """A fresh random request id: 32 hex digits, like a uuid4's hex."""
+    return os.urandom(16).hex()
 
 
 def _token(token: str | None, data_dir: str | None) -> str:
@@ -114,7 +119,7 @@ class Client:
     def claim(self, batch_id: str, customer_id: str, *, client_id: str | None = None,
               request_id: str | None = None) -> str:
         """A code of ``batch_id`` for ``customer_id``, committed before it is returned."""
-        rid = request_id or uuid.uuid4().hex
+        rid = request_id or new_request_id()
         resp = self._request(lambda i: Claim(i, batch_id, customer_id, client_id, rid), Code)
         return resp.code
 
@@ -389,7 +394,27 @@ class AsyncClient:
     async def claim(self, batch_id: str, customer_id: str, *, client_id: str | None = None,
                     request_id: str | None = None) -> str:
         """A code of ``batch_id`` for ``customer_id``, committed before it is returned."""
-        rid = request_id or uuid.uuid4().hex
+        rid = request_id or new_request_id()
+        conn = self._conn
+        if conn is not None and not conn.closed:  # the hot path: no closure, no retry loop
+            loop = conn.loop
+            deadline = loop.time() + self.timeout
+            try:
+                resp = await conn.request(
+                    Claim(conn.new_id(), batch_id, customer_id, client_id, rid), deadline)
+            except TimeoutError:
+                raise Unavailable(f"no answer from {self.host}:{self.port} within "
+                                  f"{self.timeout} s") from None
+            except (_ConnectionLost, OSError):
+                pass  # retried below, with the same request id
+            else:
+                if type(resp) is Code:
+                    return resp.code
+                if type(resp) is not Error:
+                    raise _unexpected(resp)
+                exc = _failure(resp)
+                if not exc.retryable:
+                    raise exc
         resp = await self._request(lambda i: Claim(i, batch_id, customer_id, client_id, rid), Code)
         return resp.code
 
