@@ -101,7 +101,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "server", "transport", "peer", "authenticated", "in_flight", "last_active", "opened",
-        "closing", "_buf", "_out", "_dirty", "_paused", "_reading_paused", "_max_in_flight",
+        "closing", "_buf", "_out", "_dirty", "_paused", "_reading_paused", "_max_in_flight", "_eof",
     )
 
     def __init__(self, server: ProtocolServer) -> None:
@@ -115,6 +115,7 @@ class Connection(asyncio.Protocol):
         self._buf = bytearray()  # the start of a frame not yet complete (or unprocessed frames)
         self._out = bytearray()  # answers not yet written
         self._dirty = False
+        self._eof = False
         self._paused = 0
         self._reading_paused = False
         self._max_in_flight = server.limits.max_in_flight
@@ -156,9 +157,10 @@ class Connection(asyncio.Protocol):
                 self._buf = bytearray(memoryview(data)[used:])
 
     def eof_received(self) -> bool:  # noqa: D102
-        # Half-close: answer what is in flight, then close (returning False closes
-        # only after the write buffer is flushed).
-        return False
+        # Half-close: answer everything received, then close.
+        self._eof = True
+        self.flush()
+        return not self.closing
 
     def pause_writing(self) -> None:  # noqa: D102
         self._pause(_PAUSE_WRITE)
@@ -365,11 +367,16 @@ class Connection(asyncio.Protocol):
     def flush(self) -> None:
         """Write what is queued (called once per loop pass by the server)."""
         self._dirty = False
-        if self._out and not self.closing:
+        if self.closing:
+            return
+        if self._out:
             out = self._out
             # The transport may keep a view of the buffer: hand it over, start a new one.
             self._out = bytearray()
             self.transport.write(out)
+        if self._eof and not self.in_flight and not self._paused:  # a partial frame never completes
+            self.closing = True
+            self.transport.close()  # after what is buffered has been written
 
     def abort(self, code: str, message: str, *, retryable: bool = False) -> None:
         """Send an ``error`` frame with a nil id, then close the connection."""
@@ -401,7 +408,10 @@ class Connection(asyncio.Protocol):
             if self._paused or self.closing:
                 return
         self._reading_paused = False
-        self.transport.resume_reading()
+        if self._eof:
+            self.flush()  # closes when everything received has been answered
+        else:
+            self.transport.resume_reading()
 
 
 class ProtocolServer:
