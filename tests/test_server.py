@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import stat
 import struct
 import subprocess
+import threading
 import time
 
 import msgspec
@@ -285,6 +287,30 @@ def test_responses_may_come_out_of_order_and_match_by_id():
         assert recv(sock) == Pong(11)  # answered while the claim still waits
         srv.call(alloc.release)
         assert recv(sock) == Code(10, "CODE-slow")
+
+
+def test_a_half_closed_connection_gets_every_answer_then_eof():
+    alloc = HeldAllocator()
+    with InProcessServer(alloc, limits=Limits(max_in_flight=8)) as srv, authed(srv.port) as sock:
+        send(sock, *(Claim(i, "b", "c", None, str(i)) for i in range(20)), Ping(20))
+        sock.shutdown(socket.SHUT_WR)
+        answered: list = []
+
+        def read_all() -> None:
+            while True:
+                try:
+                    answered.append(recv(sock))
+                except ConnectionError:
+                    return
+
+        reader = threading.Thread(target=read_all)
+        reader.start()
+        while reader.is_alive() and len(answered) < 21:
+            srv.call(alloc.release)
+            time.sleep(0.01)
+        reader.join(30)
+        assert not reader.is_alive()  # the server closed after the last answer
+    assert sorted(r.id for r in answered) == list(range(21))
 
 
 def test_in_flight_limit_holds_back_further_requests_without_dropping_them():
