@@ -1,9 +1,11 @@
 """Import a file of codes as a new batch, streamed into PostgreSQL with COPY.
 
-The file is read line by line (never whole into memory), validated row by row,
-and written to ``ango.codes`` in COPY text format in chunks. The whole import is
-one transaction: the first bad row aborts it with an ``ImportFailed`` naming the
-line and the reason, and nothing is imported.
+The file is read in blocks of whole lines (never whole into memory), each
+validated (a fast check of the whole block, the exact line-by-line checks when
+that finds anything unusual) and written to ``ango.codes`` in COPY text format,
+by a reader thread that stays a few blocks ahead of the COPY. The whole import
+is one transaction: the first bad row aborts it with an ``ImportFailed`` naming
+the line and the reason, and nothing is imported.
 
 Accepted formats:
 
