@@ -150,8 +150,9 @@ def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: i
     from ango.server import serve as run_server
     from ango.tokens import ensure_token
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ango").setLevel(logging.INFO)
     if token:
         token_source = "token from --token/ANGO_TOKEN"
     else:
