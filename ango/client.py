@@ -183,9 +183,14 @@ class Client:
         self._sock = sock
         self._buf = bytearray()
         self._next_id = 0
-        resp = self._round_trip(lambda i: Hello(i, PROTOCOL_VERSION, self._token, _NAME), deadline)
-        if type(resp) is not Welcome:
-            raise _unexpected(resp)
+        try:
+            resp = self._round_trip(lambda i: Hello(i, PROTOCOL_VERSION, self._token, _NAME),
+                                    deadline)
+            if type(resp) is not Welcome:
+                raise _unexpected(resp)
+        except BaseException:
+            self._drop()
+            raise
         self._max_frame = resp.max_frame
 
     def _round_trip(self, build: Callable[[int], msgspec.Struct],
@@ -304,6 +309,8 @@ class _Connection(asyncio.Protocol):
 
     def request(self, msg: msgspec.Struct, deadline: float) -> asyncio.Future:
         """Queue ``msg`` (its id already set by :meth:`new_id`); the future gets the answer."""
+        if self.closed:
+            raise self.reason
         fut = self.loop.create_future()
         _encode(self._out, msg, self.max_frame)
         self.pending[msg.id] = fut
