@@ -229,6 +229,17 @@ class _Rows:
             yield codes
 
 
+def _code_order(codes: list[str]) -> list[int]:
+    """Positions in ``codes`` sorted by code; stable, so a repeat keeps file order.
+
+    A block sent in code order makes consecutive primary-key insertions land on
+    neighbouring index pages, which PostgreSQL does about a quarter faster than
+    insertions in random order (measured on a million codes). ``seq`` still
+    numbers the codes in file order.
+    """
+    return sorted(range(len(codes)), key=codes.__getitem__)
+
+
 def _copy_blocks(rows: _Rows, batch_key: int) -> Iterator[tuple[int, str, int]]:
     """(codes so far, COPY text of the next block, bytes read) for ``ango.codes``."""
     seq = 0
@@ -236,8 +247,7 @@ def _copy_blocks(rows: _Rows, batch_key: int) -> Iterator[tuple[int, str, int]]:
         first = seq + 1
         seq += len(codes)
         text = "".join([
-            f"{code}\t{batch_key}\t{n}\n"
-            for code, n in zip(codes, range(first, seq + 1), strict=True)
+            f"{codes[i]}\t{batch_key}\t{first + i}\n" for i in _code_order(codes)
         ])
         if "\\" in text:  # the only character COPY text format needs escaped here
             text = text.replace("\\", "\\\\")
@@ -328,6 +338,8 @@ def import_codes(
 
 def _import(dsn, stream, client, batch_name, rules_json, progress) -> ImportResult:
     batch_id = uuid.uuid4()
+    # Where the file starts, to read it again for an error report.
+    start = stream.tell() if stream.seekable() else None
     rows = _Rows(stream, client)
     seq = 0
     with psycopg.connect(dsn) as conn:
@@ -352,7 +364,7 @@ def _import(dsn, stream, client, batch_name, rules_json, progress) -> ImportResu
             conn.execute(queries["insert_lease_cursor"], (batch_key, seq))
         except psycopg.errors.UniqueViolation as exc:
             conn.rollback()
-            raise _duplicate_error(conn, stream, rows.header_lines, exc) from None
+            raise _duplicate_error(conn, stream, start, client, exc) from None
         except Exception:
             conn.rollback()
             raise
@@ -360,43 +372,59 @@ def _import(dsn, stream, client, batch_name, rules_json, progress) -> ImportResu
     return ImportResult(batch_id, seq)
 
 
-def _duplicate_error(conn, stream, header_lines: int, exc: psycopg.Error) -> ImportFailed:
-    """Name the line and whether the code repeats in the file or is already stored."""
+def _duplicate_error(
+    conn, stream: BinaryIO, start: int | None, client: uuid.UUID, exc: psycopg.Error
+) -> ImportFailed:
+    """Name the line and whether the code repeats in the file or is already stored.
+
+    PostgreSQL names the COPY row it refused; the file is read again (it was
+    valid, and reading is deterministic) to find which code and line that row
+    was, and then once more for an earlier line with the same code. Nothing but
+    the current block is held in memory.
+    """
     match = _COPY_LINE.search(exc.diag.context or "")
-    if not match or not stream.seekable():
+    if not match or start is None:
         return ImportFailed(f"a code is repeated ({exc.diag.message_detail}); nothing was imported")
     row = int(match.group(1))
-    line = row + header_lines
-    stream.seek(0)
-    seen: dict[str, int] = {}
-    for line_no, code in _rescan(stream):
-        if line_no == line:
-            if code in seen:
-                return ImportFailed(
-                    f"line {line}: code {code!r} is repeated in the file (first on line "
-                    f"{seen[code]}); nothing was imported"
-                )
-            owner = conn.execute(queries["find_code"], (code,)).fetchone()
-            where = f" (batch {owner[0]})" if owner else ""
-            return ImportFailed(
-                f"line {line}: code {code!r} is already in the database{where}; "
-                "nothing was imported"
-            )
-        seen.setdefault(code, line_no)
-    return ImportFailed(f"line {line}: duplicate code; nothing was imported")
+    found = _code_at_row(stream, start, client, row)
+    if found is None:
+        return ImportFailed(f"a code is repeated ({exc.diag.message_detail}); nothing was imported")
+    code, line = found
+    earlier = _first_line_of(stream, start, client, code)
+    if earlier is not None and earlier < line:
+        return ImportFailed(
+            f"line {line}: code {code!r} is repeated in the file (first on line "
+            f"{earlier}); nothing was imported"
+        )
+    owner = conn.execute(queries["find_code"], (code,)).fetchone()
+    where = f" (batch {owner[0]})" if owner else ""
+    return ImportFailed(
+        f"line {line}: code {code!r} is already in the database{where}; nothing was imported"
+    )
 
 
-def _rescan(stream: BinaryIO) -> Iterator[tuple[int, str]]:
-    """Codes by line number, for error reports on a file already validated."""
-    first = True
-    code_at = 0
-    for line_no, raw in enumerate(stream, start=1):
-        text = raw.decode("utf-8").rstrip("\r\n").lstrip("\ufeff")
-        fields = [f.strip() for f in next(csv.reader([text]), [""])]
-        if first:
-            first = False
-            lowered = [f.lower() for f in fields]
-            if "code" in lowered:
-                code_at = lowered.index("code")
-                continue
-        yield line_no, fields[code_at] if code_at < len(fields) else ""
+def _code_at_row(
+    stream: BinaryIO, start: int, client: uuid.UUID, row: int
+) -> tuple[str, int] | None:
+    """The code sent as COPY row ``row`` (from 1), and its line in the file."""
+    stream.seek(start)
+    rows = _Rows(stream, client)
+    done = 0
+    for codes in rows:
+        if done + len(codes) >= row:
+            at = _code_order(codes)[row - done - 1]
+            return codes[at], rows.header_lines + done + at + 1
+        done += len(codes)
+    return None
+
+
+def _first_line_of(stream: BinaryIO, start: int, client: uuid.UUID, code: str) -> int | None:
+    """The first line of the file holding ``code``."""
+    stream.seek(start)
+    rows = _Rows(stream, client)
+    done = 0
+    for codes in rows:
+        if code in codes:
+            return rows.header_lines + done + codes.index(code) + 1
+        done += len(codes)
+    return None

@@ -406,3 +406,42 @@ def test_fast_path_accepts_only_what_the_exact_checks_accept_identically(
     fast = rows._fast(block)
     if fast is not None:
         assert fast == _exact(rows, block)
+
+
+def test_repeat_within_one_block_names_the_later_line(dsn, db, tmp_path):
+    # Blocks go to PostgreSQL in code order; the report must still be in file order.
+    path = write(tmp_path, "code\nZ9\nA1\nM5\nZ9\nB2\n")
+    with pytest.raises(ImportFailed, match=r"^line 5: code 'Z9' is repeated .*first on line 2\)"):
+        import_codes(dsn, path, CLIENT, "sorted")
+
+
+def test_code_in_database_is_named_even_when_sorted_first(dsn, db, tmp_path):
+    import_codes(dsn, write(tmp_path, "AAA\n", "a.csv"), CLIENT, "one")
+    path = write(tmp_path, "ZZZ\nYYY\nAAA\nBBB\n", "b.csv")
+    with pytest.raises(ImportFailed, match=r"^line 3: code 'AAA' is already in the database"):
+        import_codes(dsn, path, CLIENT, "two")
+
+
+def test_stream_read_from_its_current_position(dsn, db):
+    stream = io.BytesIO(b"ignored preamble\ncode\nS1\nS2\nS1\n")
+    stream.seek(len(b"ignored preamble\n"))
+    with pytest.raises(ImportFailed, match=r"^line 4: code 'S1' is repeated .*first on line 2\)"):
+        import_codes(dsn, stream, CLIENT, "offset")
+
+
+class _Unseekable(io.BytesIO):
+    def seekable(self):
+        return False
+
+
+def test_repeat_in_an_unseekable_stream_still_names_the_code(dsn, db):
+    before = snapshot(db)
+    with pytest.raises(ImportFailed, match=r"a code is repeated \(.*U1.*\); nothing was imported"):
+        import_codes(dsn, _Unseekable(b"U1\nU2\nU1\n"), CLIENT, "pipe")
+    assert snapshot(db) == before
+
+
+def test_codes_are_numbered_in_file_order_whatever_the_send_order(dsn, db, tmp_path):
+    codes = ["delta", "alpha", "charlie", "bravo", "echo"]
+    result = import_codes(dsn, write(tmp_path, "\n".join(codes) + "\n"), CLIENT, "order")
+    assert codes_of(db, result.batch_id) == [(code, n) for n, code in enumerate(codes, 1)]
