@@ -202,6 +202,10 @@ class Allocator:
             "per_shard": per_shard,
         }
 
+    def kill_shard(self, index: int) -> None:
+        """SIGKILL shard ``index`` (chaos runs and tests); it is restarted at once."""
+        self._shards[index].kill()
+
     def shard_pids(self) -> list[int | None]:
         """The current process id of each shard (for operations and tests)."""
         return [s.process.pid if s.process else None for s in self._shards]

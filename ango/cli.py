@@ -61,7 +61,8 @@ def migrate(dsn: str | None, data_dir: str | None, partitions: int) -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--client", "client_id", required=True, help="Client id (UUID) owning the batch.")
 @click.option("--batch", "batch_name", required=True, help="Name of the new batch.")
-@click.option("--rules", default=None, help='Rules JSON, e.g. {"maxpercustomer": 2, "timelimit": 30}.')
+@click.option("--rules", default=None,
+              help='Rules JSON, e.g. {"maxpercustomer": 2, "timelimit": 30}.')
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_dsn_option
 @_data_dir_option
@@ -104,7 +105,8 @@ def batches(as_json: bool, dsn: str | None, data_dir: str | None) -> None:
     if as_json:
         click.echo(json.dumps([b.to_dict() for b in rows]))
         return
-    header = f"{'id':36}  {'name':20}  {'client':36}  {'expired':7}  {'total':>9}  {'issued':>9}  {'available':>9}  rules"
+    header = (f"{'id':36}  {'name':20}  {'client':36}  {'expired':7}  {'total':>9}  "
+              f"{'issued':>9}  {'available':>9}  rules")
     click.echo(header)
     for b in rows:
         click.echo(

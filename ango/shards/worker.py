@@ -98,6 +98,7 @@ class Shard:
         self.encoder = msgspec.msgpack.Encoder()
         self.stopping = False
         self.needs_load: set[tuple[int, str]] = set()
+        self.spent_leases: list[int] = []  # used up; deleted with the next group
         self.served = 0
         self.groups = 0
         self.conn: psycopg.AsyncConnection | None = None
@@ -107,7 +108,7 @@ class Shard:
 
     async def start(self) -> int:
         """Register, adopt the leases of dead owners, and load their codes."""
-        self.conn = await psycopg.AsyncConnection.connect(self.dsn)
+        self.conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
         self.hb_conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
         await self.hb_conn.execute(
             queries["register_owner"],
@@ -139,8 +140,6 @@ class Shard:
         empty = [lid for lid in lease_ids if lid not in by_lease]
         if empty:
             await conn.execute(queries["delete_leases"], (empty, self.owner))
-            if not conn.autocommit:
-                await conn.commit()
         return len(rows)
 
     # -- the claim path ---------------------------------------------------------
@@ -228,7 +227,7 @@ class Shard:
             try:
                 if self.conn is not None and not self.conn.closed:
                     await self.conn.close()
-                self.conn = await psycopg.AsyncConnection.connect(self.dsn)
+                self.conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
                 return
             except psycopg.OperationalError:
                 self.flush()
@@ -244,7 +243,6 @@ class Shard:
         if not valid:
             return
         rows = await (await self.conn.execute(queries["batch_meta"], (valid,))).fetchall()
-        await self.conn.rollback()
         for bid, key, client_id, rules, expired in rows:
             rule = parse_rules(rules).per_customer
             self.batches[str(bid)] = BatchMeta(
@@ -256,7 +254,6 @@ class Shard:
         self.needs_load.clear()
         rows = await (await self.conn.execute(
             queries["customer_slots"], ([k[0] for k in keys], [k[1] for k in keys]))).fetchall()
-        await self.conn.rollback()
         found: dict[tuple[int, str], dict[int, float]] = {k: {} for k in keys}
         for batch_key, customer, slot, issued in rows:
             found[(batch_key, customer)][slot] = issued
@@ -346,13 +343,11 @@ class Shard:
         params = {"key": batch_key, "n": block, "min": short, "split": 2 * self.count,
                   "me": self.owner}
         rows = await (await self.conn.execute(queries["lease_block"], params)).fetchall()
-        await self.conn.commit()
         if rows:
             self.pool.add_lease(rows[0][0], batch_key, [code for _, code in rows])
             return
         for _ in range(16):
             stolen = await (await self.conn.execute(queries["steal_lease"], params)).fetchall()
-            await self.conn.commit()
             if not stolen:
                 return
             await self.load_leases(self.conn, [row[0] for row in stolen])
@@ -362,94 +357,57 @@ class Shard:
     async def others_hold(self, batch_key: int) -> bool:
         row = await (await self.conn.execute(
             queries["other_leases_exist"], {"key": batch_key, "me": self.owner})).fetchone()
-        await self.conn.rollback()
         return bool(row[0])
 
     async def commit(self, issuing: list[Pending], verify: list[tuple[Pending, AngoError]],
                      deferred: list[Pending]) -> None:
-        """The group commit. Answers every claim only after COMMIT (I2)."""
+        """The group commit: one autocommitted statement in the common case.
+
+        Claims are answered only after it returns, that is after COMMIT (I2).
+        Misses are explained afterwards by reads of committed state.
+        """
         conn = self.conn
-        issued: dict[str, tuple[bool, float]] = {}
+        issued: dict[str, float] = {}
+        taken: set[str] = set()
+        if issuing:
+            spent, self.spent_leases = self.spent_leases, []
+            params = {
+                "spent": "\n".join(map(str, spent)),
+                "batch_keys": list({p.meta.key for p in issuing}),
+                "codes": "\n".join([p.code for p in issuing]),
+                "bkeys": "\n".join([str(p.meta.key) for p in issuing]),
+                "customers": "\n".join([p.customer_id for p in issuing]),
+                "requests": "\n".join([p.request_id for p in issuing]),
+                "leases": "\n".join([str(p.lease) for p in issuing]),
+                "slots": "\n".join(["" if p.slot is None else str(p.slot) for p in issuing]),
+                "me": self.owner,
+            }
+            try:
+                rows = await (await conn.execute(queries["issue_group"], params)).fetchall()
+            except BaseException:
+                self.spent_leases[:0] = spent
+                raise
+            for kind, code, at in rows:
+                if kind == 1:
+                    issued[code] = at
+                else:
+                    taken.add(code)
+        missed = [p for p in issuing if p.code not in issued]
         outcome: dict[int, tuple[str | None, AngoError | None]] = {}
         retry: list[Pending] = []
-        spent_leases: list[int] = []
-        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            await conn.commit()  # a transaction() inside an open one would only be a savepoint
-        async with conn.transaction():
-            if issuing:
-                params = {
-                    "batch_keys": list({p.meta.key for p in issuing}),
-                    "codes": [p.code for p in issuing],
-                    "bkeys": [p.meta.key for p in issuing],
-                    "customers": [p.customer_id for p in issuing],
-                    "requests": [p.request_id for p in issuing],
-                    "leases": [p.lease for p in issuing],
-                    "slots": [p.slot for p in issuing],
-                    "me": self.owner,
-                }
-                rows = await (await conn.execute(queries["issue_group"], params)).fetchall()
-                issued = {code: (slot_taken, at) for code, slot_taken, at in rows}
-            undo = [p.code for p in issuing
-                    if p.code in issued and p.slot is not None and not issued[p.code][0]]
-            if undo:
-                await conn.execute(queries["unissue_codes"], (undo,))
-            missed = [p for p in issuing if p.code not in issued]
-            lookups = missed + [p for p, _ in verify]
-            expired: set[int] = set()
-            earlier: dict[tuple[int, str], tuple[str, str]] = {}
-            mine: set[int] = set()
-            if missed:
-                rows = await (await conn.execute(
-                    queries["expired_batches"], (list({p.meta.key for p in missed}),))).fetchall()
-                expired = {row[0] for row in rows}
-                rows = await (await conn.execute(
-                    queries["leases_still_mine"],
-                    (list({p.lease for p in missed}), self.owner))).fetchall()
-                mine = {row[0] for row in rows}
-            if lookups:
-                rows = await (await conn.execute(
-                    queries["issued_by_request"],
-                    ([p.meta.key for p in lookups], [p.request_id for p in lookups]))).fetchall()
-                earlier = {(bk, rid): (code, cust) for bk, rid, code, cust in rows}
-            for p in issuing:
-                key = (p.meta.key, p.customer_id)
-                if p.code in issued and (p.slot is None or issued[p.code][0]):
-                    if self.pool.spent(p.lease):
-                        spent_leases.append(p.lease)
-                    outcome[p.tag] = (p.code, None)
-                elif p.code in issued:  # slot refused: our counter was stale
-                    self.pool.put_back(p.meta.key, p.code, p.lease)
-                    self.needs_load.add(key)
-                    retry.append(p)
-                elif p.meta.key in expired:
-                    outcome[p.tag] = (None, BatchExpired(f"batch {p.batch_id} has expired"))
-                elif (p.meta.key, p.request_id) in earlier:
-                    self.pool.put_back(p.meta.key, p.code, p.lease)
-                    outcome[p.tag] = self.replay(p, earlier[(p.meta.key, p.request_id)])
-                    self.needs_load.add(key)
-                elif p.lease not in mine:
-                    self.pool.drop_lease(p.lease)
-                    retry.append(p)
-                else:  # the code was issued by someone else: drop it, try another
-                    if self.pool.spent(p.lease):
-                        spent_leases.append(p.lease)
-                    retry.append(p)
-            for p, error in verify:
-                found = earlier.get((p.meta.key, p.request_id))
-                outcome[p.tag] = self.replay(p, found) if found else (None, error)
-            if spent_leases:
-                await conn.execute(queries["delete_leases"], (spent_leases, self.owner))
-        # Committed: only now may anyone learn of these codes.
+        if missed or verify:
+            await self.explain(missed, verify, taken, outcome, retry)
         for p in issuing:
+            at = issued.get(p.code)
+            if at is not None:
+                self.release_slot(p, at)
+                if self.pool.spent(p.lease):
+                    self.spent_leases.append(p.lease)
+                self.answer(p, p.code)
+                continue
+            self.release_slot(p)
             result = outcome.get(p.tag)
-            if result is not None and result[0] == p.code:
-                self.release_slot(p, issued[p.code][1])
-            else:
-                self.release_slot(p)
             if result is not None:
-                if result[1] is not None and isinstance(result[1], BatchExpired):
-                    p.meta.expired = True
-                    self.pool.drop_batch(p.meta.key)
                 self.answer(p, result[0], result[1])
         for p, _ in verify:
             code, error = outcome[p.tag]
@@ -461,6 +419,59 @@ class Shard:
                 self.answer(p, None, Unavailable("claim kept conflicting; retry"))
             else:
                 deferred.append(p)
+
+    async def explain(self, missed: list[Pending], verify: list[tuple[Pending, AngoError]],
+                      taken: set[str], outcome: dict, retry: list[Pending]) -> None:
+        """Why claims were not issued, read from committed state; decide each one."""
+        conn = self.conn
+        phantom = [p for p in missed if p.code in taken]
+        if phantom:
+            await conn.execute(queries["release_phantom_slots"], (
+                [p.meta.key for p in phantom], [p.customer_id for p in phantom],
+                [p.slot for p in phantom], [p.code for p in phantom]))
+        expired: set[int] = set()
+        mine: set[int] = set()
+        gone: set[str] = set()
+        if missed:
+            rows = await (await conn.execute(
+                queries["expired_batches"], (list({p.meta.key for p in missed}),))).fetchall()
+            expired = {row[0] for row in rows}
+            rows = await (await conn.execute(
+                queries["leases_still_mine"],
+                (list({p.lease for p in missed}), self.owner))).fetchall()
+            mine = {row[0] for row in rows}
+            rows = await (await conn.execute(
+                queries["issued_among"], ([p.code for p in missed],))).fetchall()
+            gone = {row[0] for row in rows}
+        lookups = missed + [p for p, _ in verify]
+        rows = await (await conn.execute(
+            queries["issued_by_request"],
+            ([p.meta.key for p in lookups], [p.request_id for p in lookups]))).fetchall()
+        earlier = {(bk, rid): (code, cust) for bk, rid, code, cust in rows}
+        for p in missed:
+            key = (p.meta.key, p.customer_id)
+            if p.meta.key in expired:
+                p.meta.expired = True
+                self.pool.drop_batch(p.meta.key)
+                outcome[p.tag] = (None, BatchExpired(f"batch {p.batch_id} has expired"))
+            elif (p.meta.key, p.request_id) in earlier:
+                self.pool.put_back(p.meta.key, p.code, p.lease)
+                outcome[p.tag] = self.replay(p, earlier[(p.meta.key, p.request_id)])
+                self.needs_load.add(key)
+            elif p.lease not in mine:
+                self.pool.drop_lease(p.lease)
+                retry.append(p)
+            elif p.code in gone:  # issued by another owner: drop it, try another code
+                if self.pool.spent(p.lease):
+                    self.spent_leases.append(p.lease)
+                retry.append(p)
+            else:  # the rule slot was refused: our counter was stale
+                self.pool.put_back(p.meta.key, p.code, p.lease)
+                self.needs_load.add(key)
+                retry.append(p)
+        for p, error in verify:
+            found = earlier.get((p.meta.key, p.request_id))
+            outcome[p.tag] = self.replay(p, found) if found else (None, error)
 
     def replay(self, p: Pending, found: tuple[str, str]) -> tuple[str | None, AngoError | None]:
         code, customer = found

@@ -157,44 +157,68 @@ WHERE l.id = ANY(%s)
 DELETE FROM ango.leases WHERE id = ANY(%s) AND owner = %s;
 
 -- name: issue_group
--- One group commit: issue each code if its batch is not expired (locked FOR KEY
--- SHARE so expiry waits for us: I5), its lease is still ours, it is not issued
--- yet (I1) and the request id is new (I6); then take the customer's rule slot,
--- which succeeds only if free or older than the batch's window (I4).
-WITH ok AS (
+-- One group commit, a single autocommitted statement: issue each code if its
+-- batch is not expired (locked FOR KEY SHARE, so expiry waits for us: I5), its
+-- lease is still ours, the code is not issued yet (I1) and the request id is
+-- new (I6), and, for a batch with a rule, only if the customer's rule slot is
+-- free or older than the batch's window (I4). Leases used up by earlier groups
+-- are deleted on the way.
+WITH spent AS (
+    DELETE FROM ango.leases
+    WHERE id = ANY(string_to_array(%(spent)s, E'\n')::bigint[]) AND owner = %(me)s
+), ok AS (
     SELECT key FROM ango.batches
     WHERE key = ANY(%(batch_keys)s) AND NOT expired
     FOR KEY SHARE
 ), req AS (
     SELECT u.*
-    FROM unnest(%(codes)s::text[], %(bkeys)s::integer[], %(customers)s::text[],
-                %(requests)s::text[], %(leases)s::bigint[], %(slots)s::integer[])
+    -- Columns arrive as newline-joined text (none may hold a control character):
+    -- one parameter each is far cheaper to send than an array of thousands.
+    FROM unnest(string_to_array(%(codes)s, E'\n'),
+                string_to_array(%(bkeys)s, E'\n')::integer[],
+                string_to_array(%(customers)s, E'\n'),
+                string_to_array(%(requests)s, E'\n'),
+                string_to_array(%(leases)s, E'\n')::bigint[],
+                string_to_array(%(slots)s, E'\n', '')::integer[])
          AS u(code, batch_key, customer_id, request_id, lease_id, slot)
     WHERE u.batch_key IN (SELECT key FROM ok)
       AND EXISTS (SELECT 1 FROM ango.leases l WHERE l.id = u.lease_id AND l.owner = %(me)s)
-), ins AS (
-    INSERT INTO ango.issues (code, batch_key, customer_id, request_id, issued_at)
-    SELECT code, batch_key, customer_id, request_id, now() FROM req
-    ON CONFLICT DO NOTHING
-    RETURNING code
+      AND NOT EXISTS (SELECT 1 FROM ango.issues i WHERE i.code = u.code)
+      AND NOT EXISTS (SELECT 1 FROM ango.issues i
+                      WHERE i.batch_key = u.batch_key AND i.request_id = u.request_id)
 ), slot AS (
     INSERT INTO ango.slots AS s (batch_key, customer_id, slot, code, issued_at)
-    SELECT r.batch_key, r.customer_id, r.slot, r.code, now()
-    FROM req r JOIN ins ON ins.code = r.code
-    WHERE r.slot IS NOT NULL
+    SELECT batch_key, customer_id, slot, code, now() FROM req WHERE slot IS NOT NULL
     ON CONFLICT (batch_key, customer_id, slot) DO UPDATE
         SET code = EXCLUDED.code, issued_at = EXCLUDED.issued_at
         WHERE s.issued_at < EXCLUDED.issued_at - (
             SELECT make_interval(days => (b.rules ->> 'timelimit')::integer)
             FROM ango.batches b WHERE b.key = EXCLUDED.batch_key)
     RETURNING code
+), ins AS (
+    INSERT INTO ango.issues (code, batch_key, customer_id, request_id, issued_at, slot)
+    SELECT code, batch_key, customer_id, request_id, now(), slot FROM req
+    WHERE slot IS NULL OR code IN (SELECT code FROM slot)
+    ON CONFLICT DO NOTHING
+    RETURNING code
 )
-SELECT ins.code, slot.code IS NOT NULL AS slot_taken, extract(epoch FROM now())::float8
-FROM ins LEFT JOIN slot ON slot.code = ins.code;
+-- Kind 1: issued; kind 2: rule slot taken. No joins: they go quadratic on CTEs.
+SELECT 1, code, extract(epoch FROM now())::float8 FROM ins
+UNION ALL
+SELECT 2, code, NULL FROM slot;
 
--- name: unissue_codes
--- Undo issues whose rule slot was taken after all (a stale counter); same transaction.
-DELETE FROM ango.issues WHERE code = ANY(%s);
+-- name: release_phantom_slots
+-- A slot taken for a code that a concurrent transaction issued first (a race
+-- between two owners) is given back.
+DELETE FROM ango.slots s
+USING unnest(%s::integer[], %s::text[], %s::integer[], %s::text[])
+      AS u(batch_key, customer_id, slot, code)
+WHERE s.batch_key = u.batch_key AND s.customer_id = u.customer_id
+  AND s.slot = u.slot AND s.code = u.code;
+
+-- name: issued_among
+-- Which of these codes are issued.
+SELECT code FROM ango.issues WHERE code = ANY(%s);
 
 -- name: expired_batches
 -- Which of these batches are expired.
@@ -244,16 +268,17 @@ LIMIT 10;
 
 -- name: audit_rules
 -- I4: no customer holds more codes of a batch than its rule allows in any
--- window (each issue counts the customer's issues in the window ending at it).
-SELECT b.id, i.customer_id, count(*) AS n
-FROM ango.issues i
-JOIN ango.batches b ON b.key = i.batch_key AND b.rules ? 'maxpercustomer'
-JOIN ango.issues j ON j.batch_key = i.batch_key AND j.customer_id = i.customer_id
-     AND j.issued_at <= i.issued_at
-     AND (NOT b.rules ? 'timelimit'
-          OR j.issued_at > i.issued_at - make_interval(days => (b.rules ->> 'timelimit')::integer))
-GROUP BY b.id, i.code, i.customer_id, (b.rules ->> 'maxpercustomer')::integer
-HAVING count(*) > (b.rules ->> 'maxpercustomer')::integer
+-- window: with a limit of N, the N-th issue after any issue must fall outside
+-- the window that starts at it (any N+1 issues are too many without a window).
+SELECT id, customer_id, issued_at FROM (
+    SELECT b.id, i.customer_id, i.issued_at,
+           lead(i.issued_at, (b.rules ->> 'maxpercustomer')::integer)
+               OVER (PARTITION BY i.batch_key, i.customer_id ORDER BY i.issued_at) AS nth,
+           make_interval(days => (b.rules ->> 'timelimit')::integer) AS win
+    FROM ango.issues i
+    JOIN ango.batches b ON b.key = i.batch_key AND b.rules ? 'maxpercustomer'
+) x
+WHERE nth IS NOT NULL AND (win IS NULL OR nth - issued_at <= win)
 LIMIT 10;
 
 -- name: audit_slots

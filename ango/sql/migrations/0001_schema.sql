@@ -83,6 +83,7 @@ CREATE TABLE IF NOT EXISTS ango.issues (
     customer_id  text NOT NULL,
     request_id   text NOT NULL,
     issued_at    timestamptz NOT NULL DEFAULT now(),
+    slot         integer,  -- the rule slot the issue took, if the batch has a rule
     UNIQUE (batch_key, request_id)
 );
 
