@@ -8,57 +8,196 @@ code, no shards, no PostgreSQL: the transport's ceiling). Otherwise it claims
 from BATCH_ID on a running server, one customer per claim. The client runs in
 this process on uvloop with ``--concurrency`` claims in flight over
 ``--connections`` connections; it prints one JSON line.
+
+``start_server`` and ``drive`` are the pieces ``benchmarks.load`` builds on:
+``drive`` also times every claim and keeps every code received.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 
 import uvloop
 
 import ango
 
 
-async def load(port: int, token: str, batch: str, concurrency: int, connections: int,
-               seconds: float) -> dict:
+class Server:
+    """An ``ango serve`` subprocess on a free port of 127.0.0.1.
+
+    Its stderr is read to the end by a thread (a full pipe would stall the
+    server); the last lines are kept for error messages.
+    """
+
+    def __init__(self, token: str, *, noop: bool = False, dsn: str | None = None,
+                 shards: int | None = None, ready_timeout: float = 60.0) -> None:
+        cmd = [sys.executable, "-c", "from ango.cli import main; main()", "serve",
+               "--host", "127.0.0.1", "--port", "0", "--token", token]
+        if noop:
+            cmd.append("--noop")
+        if dsn:
+            cmd += ["--dsn", dsn]
+        if shards:
+            cmd += ["--shards", str(shards)]
+        self.token = token
+        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        self.process = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        self.port = 0
+        found = threading.Event()
+
+        def read() -> None:
+            for line in self.process.stderr:
+                self.tail.append(line.rstrip())
+                match = re.search(r"serving on [^:]+:(\d+)", line)
+                if match and not found.is_set():
+                    self.port = int(match.group(1))
+                    found.set()
+            found.set()
+
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
+        if not found.wait(ready_timeout) or not self.port:
+            self.stop()
+            raise RuntimeError("ango serve did not start:\n" + "\n".join(self.tail))
+
+    @property
+    def pid(self) -> int:
+        """The server's process id (its shards are its children)."""
+        return self.process.pid
+
+    def stop(self) -> int:
+        """SIGTERM (the server answers what is in flight), wait, return the exit status."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(5)
+        return self.process.returncode
+
+
+def start_server(token: str, **kwargs) -> Server:
+    """Start ``ango serve`` (see :class:`Server`) and return it once it listens."""
+    return Server(token, **kwargs)
+
+
+@dataclass
+class Drive:
+    """What :func:`drive` measured."""
+
+    claims: int = 0                 # successful claims in the steady window
+    errors: int = 0                 # failed claims in the steady window
+    seconds: float = 0.0            # length of the steady window
+    latencies: list[float] = field(default_factory=list)  # seconds, claims of the window
+    codes: list[tuple[str, str]] = field(default_factory=list)  # (code, customer), all claims
+    errors_total: int = 0           # failed claims, warm-up and drain included
+    error_kinds: collections.Counter = field(default_factory=collections.Counter)
+    budget_reached: bool = False
+
+    @property
+    def claims_per_s(self) -> float:
+        """Successful claims per second of the steady window."""
+        return self.claims / self.seconds if self.seconds else 0.0
+
+
+async def drive(port: int, token: str, batch: str, concurrency: int, connections: int,
+                seconds: float, warmup: float = 0.5, *, budget: int | None = None,
+                keep_codes: bool = False, prefix: str = "c",
+                on_window: tuple | None = None) -> Drive:
+    """Keep ``concurrency`` claims in flight for ``warmup`` + ``seconds``.
+
+    Claims run on ``connections`` clients (claim ``w`` uses client ``w %
+    connections``), each claim for a fresh customer ``{prefix}{w}-{i}``. Only
+    claims that complete inside the steady window (after the warm-up) count
+    towards ``claims``, ``errors`` and ``latencies``; claims started before the
+    window ends are awaited. ``budget`` caps the claims started (so a small
+    batch is not run dry: the window then ends when the budget is spent).
+    ``on_window`` is a pair of callables run at the window's start and end
+    (e.g. CPU samples).
+    """
     clients = [await ango.AsyncClient.connect(port=port, token=token, timeout=30)
                for _ in range(connections)]
-    done = 0
-    errors = 0
-    stop_at = 0.0
+    loop = asyncio.get_running_loop()
+    result = Drive()
+    started = 0
+    window_start = loop.time() + warmup
+    stop_at = window_start + seconds
+    window_end: float | None = None
+    latencies = result.latencies
+    codes = result.codes
+    perf = time.perf_counter
+    clock = loop.time
 
     async def worker(w: int) -> None:
-        nonlocal done, errors
+        nonlocal started, window_end
         client = clients[w % connections]
-        loop = asyncio.get_running_loop()
         i = 0
-        while loop.time() < stop_at:
-            try:
-                await client.claim(batch, f"w{w}-{i}")
-                done += 1
-            except ango.AngoError:
-                errors += 1
+        while True:
+            now = clock()
+            if now >= stop_at:
+                return
+            if budget is not None and started >= budget:
+                if window_end is None:
+                    window_end = now
+                    result.budget_reached = True
+                return
+            started += 1
+            customer = f"{prefix}{w}-{i}"
             i += 1
+            t0 = perf()
+            try:
+                code = await client.claim(batch, customer)
+            except ango.AngoError as exc:
+                result.errors_total += 1
+                result.error_kinds[type(exc).__name__] += 1
+                if window_start <= clock() < stop_at:
+                    result.errors += 1
+                continue
+            took = perf() - t0
+            if keep_codes:
+                codes.append((code, customer))
+            done_at = clock()
+            if window_start <= done_at < stop_at and window_end is None:
+                latencies.append(took)
 
-    loop = asyncio.get_running_loop()
-    stop_at = loop.time() + 0.5  # warm up
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    done = errors = 0
-    started = time.perf_counter()
-    stop_at = loop.time() + seconds
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    for client in clients:
-        await client.close()
-    return {"claims": done, "errors": errors, "seconds": round(elapsed, 3),
-            "claims_per_s": round(done / elapsed), "concurrency": concurrency,
+    async def window() -> None:
+        await asyncio.sleep(max(0.0, window_start - clock()))
+        if on_window:
+            on_window[0]()
+        t0 = clock()
+        while clock() < stop_at and window_end is None:
+            await asyncio.sleep(min(0.05, max(0.0, stop_at - clock())))
+        result.seconds = (window_end or clock()) - t0
+        if on_window:
+            on_window[1]()
+
+    try:
+        await asyncio.gather(window(), *(worker(w) for w in range(concurrency)))
+    finally:
+        for client in clients:
+            await client.close()
+    result.claims = len(latencies)
+    return result
+
+
+async def load(port: int, token: str, batch: str, concurrency: int, connections: int,
+               seconds: float) -> dict:
+    """Claims per second over ``seconds`` after a 0.5 s warm-up, as a dict."""
+    found = await drive(port, token, batch, concurrency, connections, seconds)
+    return {"claims": found.claims, "errors": found.errors, "seconds": round(found.seconds, 3),
+            "claims_per_s": round(found.claims_per_s), "concurrency": concurrency,
             "connections": connections}
 
 
@@ -72,17 +211,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
-    server = None
-    port = args.port
-    if args.noop:
-        server = subprocess.Popen(
-            [sys.executable, "-c", "from ango.cli import main; main()", "serve", "--noop",
-             "--port", "0", "--token", args.token], stderr=subprocess.PIPE, text=True)
-        for line in server.stderr:
-            match = re.search(r"serving on [^:]+:(\d+)", line)
-            if match:
-                port = int(match.group(1))
-                break
+    server = start_server(args.token, noop=True) if args.noop else None
+    port = server.port if server else args.port
     try:
         result = uvloop.run(load(port, args.token, args.batch, args.concurrency, args.connections,
                                  args.seconds))
@@ -90,8 +220,7 @@ def main() -> None:
         print(json.dumps(result))
     finally:
         if server is not None:
-            server.terminate()
-            server.wait()
+            server.stop()
 
 
 if __name__ == "__main__":
