@@ -179,17 +179,20 @@ class Allocator:
         loop = asyncio.get_running_loop()
         waits = []
         for shard in self._shards:
-            tag = next(self._tags)
             future = loop.create_future()
-            self._stats_waiters[tag] = future
-            shard.request_stats(tag)
+            if shard.alive:
+                tag = next(self._tags)
+                self._stats_waiters[tag] = future
+                shard.request_stats(tag)
+            else:
+                future.set_result({"shard": shard.index, "alive": False})
             waits.append(future)
         per_shard: list[dict[str, Any]] = []
         for future in waits:
             try:
                 per_shard.append(await asyncio.wait_for(future, 2.0))
             except TimeoutError:
-                per_shard.append({})
+                per_shard.append({"alive": False, "error": "no answer within 2 s"})
         return {
             "shards": self.shard_count,
             "shards_alive": sum(1 for s in self._shards if s.alive),

@@ -253,7 +253,8 @@ class Shard:
         keys = list(self.needs_load)
         self.needs_load.clear()
         rows = await (await self.conn.execute(
-            queries["customer_slots"], ([k[0] for k in keys], [k[1] for k in keys]))).fetchall()
+            queries["customer_slots"],
+            {"keys": [k[0] for k in keys], "customers": [k[1] for k in keys]})).fetchall()
         found: dict[tuple[int, str], dict[int, float]] = {k: {} for k in keys}
         for batch_key, customer, slot, issued in rows:
             found[(batch_key, customer)][slot] = issued
@@ -379,7 +380,10 @@ class Shard:
                 "customers": "\n".join([p.customer_id for p in issuing]),
                 "requests": "\n".join([p.request_id for p in issuing]),
                 "leases": "\n".join([str(p.lease) for p in issuing]),
-                "slots": "\n".join(["" if p.slot is None else str(p.slot) for p in issuing]),
+                "slots": "\n".join(["" if p.slot is None or p.meta.window is not None
+                                     else str(p.slot) for p in issuing]),
+                "window_slots": "\n".join(["" if p.slot is None or p.meta.window is None
+                                            else str(p.slot) for p in issuing]),
                 "me": self.owner,
             }
             try:

@@ -159,10 +159,11 @@ DELETE FROM ango.leases WHERE id = ANY(%s) AND owner = %s;
 -- name: issue_group
 -- One group commit, a single autocommitted statement: issue each code if its
 -- batch is not expired (locked FOR KEY SHARE, so expiry waits for us: I5), its
--- lease is still ours, the code is not issued yet (I1) and the request id is
--- new (I6), and, for a batch with a rule, only if the customer's rule slot is
--- free or older than the batch's window (I4). Leases used up by earlier groups
--- are deleted on the way.
+-- lease is still ours, the code is not issued yet (I1), the request id is new
+-- (I6) and the customer's rule slot is free (I4). A rule without a window is
+-- held by the unique index on issues (batch, customer, slot); a rule with a
+-- window by ango.slots, taken only if free or older than the window. Leases
+-- used up by earlier groups are deleted on the way.
 WITH spent AS (
     DELETE FROM ango.leases
     WHERE id = ANY(string_to_array(%(spent)s, E'\n')::bigint[]) AND owner = %(me)s
@@ -179,16 +180,21 @@ WITH spent AS (
                 string_to_array(%(customers)s, E'\n'),
                 string_to_array(%(requests)s, E'\n'),
                 string_to_array(%(leases)s, E'\n')::bigint[],
-                string_to_array(%(slots)s, E'\n', '')::integer[])
-         AS u(code, batch_key, customer_id, request_id, lease_id, slot)
+                string_to_array(%(slots)s, E'\n', '')::integer[],
+                string_to_array(%(window_slots)s, E'\n', '')::integer[])
+         AS u(code, batch_key, customer_id, request_id, lease_id, slot, window_slot)
     WHERE u.batch_key IN (SELECT key FROM ok)
       AND EXISTS (SELECT 1 FROM ango.leases l WHERE l.id = u.lease_id AND l.owner = %(me)s)
-      AND NOT EXISTS (SELECT 1 FROM ango.issues i WHERE i.code = u.code)
-      AND NOT EXISTS (SELECT 1 FROM ango.issues i
-                      WHERE i.batch_key = u.batch_key AND i.request_id = u.request_id)
+      -- A windowed slot is taken before the issue: skip what would conflict.
+      AND (u.window_slot IS NULL
+           OR (NOT EXISTS (SELECT 1 FROM ango.issues i WHERE i.code = u.code)
+               AND NOT EXISTS (SELECT 1 FROM ango.issues i
+                               WHERE i.batch_key = u.batch_key
+                                 AND i.request_id = u.request_id)))
 ), slot AS (
     INSERT INTO ango.slots AS s (batch_key, customer_id, slot, code, issued_at)
-    SELECT batch_key, customer_id, slot, code, now() FROM req WHERE slot IS NOT NULL
+    SELECT batch_key, customer_id, window_slot, code, now() FROM req
+    WHERE window_slot IS NOT NULL
     ON CONFLICT (batch_key, customer_id, slot) DO UPDATE
         SET code = EXCLUDED.code, issued_at = EXCLUDED.issued_at
         WHERE s.issued_at < EXCLUDED.issued_at - (
@@ -198,11 +204,11 @@ WITH spent AS (
 ), ins AS (
     INSERT INTO ango.issues (code, batch_key, customer_id, request_id, issued_at, slot)
     SELECT code, batch_key, customer_id, request_id, now(), slot FROM req
-    WHERE slot IS NULL OR code IN (SELECT code FROM slot)
+    WHERE window_slot IS NULL OR code IN (SELECT code FROM slot)
     ON CONFLICT DO NOTHING
     RETURNING code
 )
--- Kind 1: issued; kind 2: rule slot taken. No joins: they go quadratic on CTEs.
+-- Kind 1: issued; kind 2: windowed slot taken. No joins: they go quadratic on CTEs.
 SELECT 1, code, extract(epoch FROM now())::float8 FROM ins
 UNION ALL
 SELECT 2, code, NULL FROM slot;
@@ -236,11 +242,17 @@ JOIN unnest(%s::integer[], %s::text[]) AS u(batch_key, request_id)
 SELECT id FROM ango.leases WHERE id = ANY(%s) AND owner = %s;
 
 -- name: customer_slots
--- The rule slots of customers whose in-memory counter was missing or stale.
+-- The rule slots of customers whose in-memory counter was missing or stale:
+-- windowed slots from ango.slots, fixed ones from ango.issues.
 SELECT s.batch_key, s.customer_id, s.slot, extract(epoch FROM s.issued_at)::float8
 FROM ango.slots s
-JOIN unnest(%s::integer[], %s::text[]) AS u(batch_key, customer_id)
-  ON s.batch_key = u.batch_key AND s.customer_id = u.customer_id;
+JOIN unnest(%(keys)s::integer[], %(customers)s::text[]) AS u(batch_key, customer_id)
+  ON s.batch_key = u.batch_key AND s.customer_id = u.customer_id
+UNION ALL
+SELECT i.batch_key, i.customer_id, i.slot, extract(epoch FROM i.issued_at)::float8
+FROM ango.issues i
+JOIN unnest(%(keys)s::integer[], %(customers)s::text[]) AS u(batch_key, customer_id)
+  ON i.batch_key = u.batch_key AND i.customer_id = u.customer_id AND i.slot IS NOT NULL;
 
 -- name: partitions_count
 -- Partition count, for routing.
