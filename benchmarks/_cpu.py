@@ -2,9 +2,9 @@
 
 The client, ``ango serve``, its shard processes and PostgreSQL's processes share
 the machine's cores; a :class:`CpuSplit` takes two samples (window start and
-end) and reports each group's CPU seconds per wall second ("cores"), plus what
-the whole machine spent and the part no group accounts for (other users of
-the machine).
+end) and reports each group's CPU seconds per wall second ("cores"), what the
+whole machine spent, and ``other_processes``: busy time no group accounts for
+(other users of the machine, the kernel).
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def _cpu(proc: psutil.Process) -> float:
 
 def _machine_busy() -> float:
     t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+    # guest time is already inside user time; steal is the hypervisor's, not ours.
+    skip = ("idle", "iowait", "steal", "guest", "guest_nice")
+    return sum(v for name, v in t._asdict().items() if name not in skip)
 
 
 class CpuSplit:
@@ -112,7 +114,7 @@ class CpuSplit:
             spent[name] = spent.get(name, 0.0) + cpu - (before[1] if before else 0.0)
         known = sum(spent.values())
         cores = {name: round(cpu / wall, 3) for name, cpu in sorted(spent.items())}
-        cores["unaccounted"] = round(max(0.0, busy - known) / wall, 3)
+        cores["other_processes"] = round(max(0.0, busy - known) / wall, 3)
         self.result = {
             "wall_s": round(wall, 3),
             "machine_cores": os.cpu_count(),
