@@ -1,0 +1,95 @@
+"""pytest-benchmark: one group commit of 1,000 claims, on a real PostgreSQL.
+
+    .venv/bin/python -m pytest benchmarks/test_bench_group_commit.py --benchmark-enable
+
+Each round runs ``ango.shards.worker.Shard.commit`` itself — the ``issue_group``
+statement of ``ango.sql.queries`` with the parameters it builds, one
+autocommitted statement — for 1,000 claims of 1,000 fresh customers, on codes
+leased beforehand with ``lease_block`` (outside the timing). The server is
+``ANGO_BENCH_DSN``, else Ango's own lookup; the database is made for the module
+(``benchmarks._db.fresh_database``) and dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import time
+import uuid
+
+import psycopg
+import pytest
+
+from ango.importer import import_codes
+from ango.shards.worker import BatchMeta, Pending, Shard
+from ango.sql import queries
+from benchmarks._db import CLIENT, fresh_database, server_dsn, write_codes_csv
+
+GROUP = 1000
+ROUNDS = 20
+
+
+@pytest.fixture(scope="module")
+def bench_db(tmp_path_factory):
+    """A fresh database with two batches: rule ``maxpercustomer 1`` and no rule."""
+    codes = GROUP * (ROUNDS + 5)
+    with fresh_database(server_dsn()) as db:
+        folder = tmp_path_factory.mktemp("group")
+        ruled = import_codes(db, write_codes_csv(folder / "a.csv", codes), CLIENT, "ruled",
+                             {"maxpercustomer": 1})
+        plain_csv = folder / "b.csv"
+        with open(plain_csv, "w") as out:  # other codes than a.csv's
+            out.write("code\n" + "".join(f"B{i:015d}\n" for i in range(codes)))
+        plain = import_codes(db, plain_csv, CLIENT, "plain", None)
+        with psycopg.connect(db, autocommit=True) as conn:
+            keys = {str(k): v for k, v in conn.execute("SELECT id, key FROM ango.batches")}
+        yield db, {True: (str(ruled.batch_id), keys[str(ruled.batch_id)]),
+                   False: (str(plain.batch_id), keys[str(plain.batch_id)])}
+
+
+_tags = itertools.count(1)
+
+
+@pytest.mark.parametrize("ruled", [True, False], ids=["rule_maxpercustomer_1", "no_rule"])
+def test_bench_group_commit_1000_claims(benchmark, bench_db, ruled):
+    db, batches = bench_db
+    batch_id, key = batches[ruled]
+    meta = BatchMeta(key, CLIENT, 1 if ruled else None, None, False)
+    loop = asyncio.new_event_loop()
+    shard = Shard(db, 0, 1, str(uuid.uuid4()), [])
+    sync = psycopg.connect(db, autocommit=True)
+    sync.execute(queries["register_owner"], (shard.owner, shard.instance, 0, os.getpid(),
+                                            socket.gethostname(), []))
+    shard.conn = loop.run_until_complete(psycopg.AsyncConnection.connect(db, autocommit=True))
+
+    def setup():
+        rows = sync.execute(queries["lease_block"], {"key": key, "n": GROUP, "min": GROUP,
+                                                     "split": 2, "me": shard.owner}).fetchall()
+        assert len(rows) == GROUP
+        lease = rows[0][0]
+        shard.pool.add_lease(lease, key, [code for _, code in rows])
+        now = time.monotonic()
+        group = []
+        for _ in range(GROUP):
+            tag = next(_tags)
+            p = Pending(tag, batch_id, f"customer-{tag}", None, uuid.uuid4().hex, now)
+            p.meta = meta
+            p.slot = 0 if ruled else None
+            p.code, p.lease = shard.pool.take(key)
+            group.append(p)
+        shard.results = []
+        return (group,), {}
+
+    def commit(group):
+        loop.run_until_complete(shard.commit(group, [], []))
+        return sum(1 for r in shard.results if r.code is not None and r.error is None)
+
+    try:
+        issued = benchmark.pedantic(commit, setup=setup, rounds=ROUNDS, iterations=1)
+    finally:
+        loop.run_until_complete(shard.conn.close())
+        loop.close()
+        sync.close()
+    assert issued == GROUP
