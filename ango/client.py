@@ -219,7 +219,11 @@ class Client:
                 stop = pos + HEADER_SIZE + size
                 if stop > len(buf):
                     break
-                resp = response_decoder.decode(bytes(buf[pos + HEADER_SIZE:stop]))
+                try:
+                    resp = response_decoder.decode(bytes(buf[pos + HEADER_SIZE:stop]))
+                except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+                    self._drop()  # what follows in the stream cannot be trusted either
+                    raise ProtocolError(f"undecodable answer from the server: {exc}") from None
                 pos = stop
                 if resp.id == rid:
                     self._buf = buf[pos:]
@@ -293,7 +297,7 @@ class _Connection(asyncio.Protocol):
                     break
                 try:
                     resp = response_decoder.decode(view[pos + HEADER_SIZE:stop])
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
                     self.reason = ProtocolError(f"undecodable answer from the server: {exc}")
                     self.close()
                     return

@@ -201,7 +201,8 @@ class Connection(asyncio.Protocol):
         server.requests += 1
         try:
             msg = request_decoder.decode(payload)
-        except msgspec.ValidationError as exc:
+        # A str that is not UTF-8 raises UnicodeDecodeError: a malformed request too.
+        except (msgspec.ValidationError, UnicodeDecodeError) as exc:
             request_id = salvage_id(payload)
             if request_id is None or not self.authenticated:
                 self.abort(ProtocolError.code, f"invalid request: {exc}")
