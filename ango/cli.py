@@ -203,3 +203,17 @@ def claim(batch_id: str, customer_id: str, client_id: str | None, request_id: st
     except AngoError as exc:
         raise click.ClickException(f"{exc.code}: {exc}") from None
     click.echo(code)
+
+
+@main.command()
+@_dsn_option
+@_data_dir_option
+@click.option("--shards", default=None, type=click.IntRange(1, 256), help="Shard processes.")
+def demo(dsn: str | None, data_dir: str | None, shards: int | None) -> None:
+    """Import a demo batch, serve it, claim codes over TCP, print the counts."""
+    from ango.demo import run_demo
+
+    try:
+        run_demo(dsn, data_dir, shards=shards, echo=click.echo)
+    except AngoError as exc:
+        raise _fail(exc) from None

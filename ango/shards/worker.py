@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 import psycopg
@@ -60,22 +60,26 @@ class BatchMeta:
     expired: bool
 
 
-@dataclass
 class Pending:
-    """A claim in the shard's hands."""
+    """A claim in the shard's hands (a plain slotted class: one is made per claim)."""
 
-    tag: int
-    batch_id: str
-    customer_id: str
-    client_id: str | None
-    request_id: str
-    received: float
-    attempts: int = 0
-    meta: BatchMeta | None = None
-    slot: int | None = None
-    code: str | None = None
-    lease: int = 0
-    followers: list[Pending] = field(default_factory=list)
+    __slots__ = ("tag", "batch_id", "customer_id", "client_id", "request_id", "received",
+                 "attempts", "meta", "slot", "code", "lease", "followers")
+
+    def __init__(self, tag: int, batch_id: str, customer_id: str, client_id: str | None,
+                 request_id: str, received: float) -> None:
+        self.tag = tag
+        self.batch_id = batch_id
+        self.customer_id = customer_id
+        self.client_id = client_id
+        self.request_id = request_id
+        self.received = received
+        self.attempts = 0
+        self.meta: BatchMeta | None = None
+        self.slot: int | None = None
+        self.code: str | None = None
+        self.lease = 0
+        self.followers: list[Pending] = []
 
 
 class Shard:
