@@ -1,6 +1,6 @@
 """Ango: hands out unique codes to customers at high volume, each exactly once."""
 
-from ango.allocator import Allocator
+from ango.allocator import Allocator, SyncAllocator
 from ango.client import AsyncClient, Client
 from ango.errors import (
     AngoError,
@@ -14,6 +14,7 @@ from ango.errors import (
 
 __all__ = [
     "Allocator",
+    "SyncAllocator",
     "AngoError",
     "AsyncClient",
     "BatchExhausted",

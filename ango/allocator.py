@@ -212,3 +212,74 @@ class Allocator:
     def shard_pids(self) -> list[int | None]:
         """The current process id of each shard (for operations and tests)."""
         return [s.process.pid if s.process else None for s in self._shards]
+
+
+class SyncAllocator:
+    """A blocking façade over :class:`Allocator` for code that is not async.
+
+    The Allocator runs on an event loop in a background thread; each method
+    blocks until its answer is committed. Thread-safe: many threads may claim.
+
+        with ango.SyncAllocator(dsn) as alloc:
+            code = alloc.claim(batch_id, "customer-42")
+    """
+
+    def __init__(self, dsn: str | None = None, *, shards: int | None = None,
+                 data_dir: str | os.PathLike[str] | None = None) -> None:
+        self._allocator = Allocator(dsn, shards=shards, data_dir=data_dir)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = None
+
+    def __enter__(self) -> SyncAllocator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start the loop thread and the shards."""
+        import threading
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ango-allocator",
+                                        daemon=True)
+        self._thread.start()
+        self._call(self._allocator.start())
+
+    def _call(self, coro: Awaitable[Any]) -> Any:
+        async def wrapped():
+            return await coro
+        return asyncio.run_coroutine_threadsafe(wrapped(), self._loop).result()
+
+    def claim(self, batch_id: str, customer_id: str, *, client_id: str | None = None,
+              request_id: str | None = None) -> str:
+        """As :meth:`Allocator.claim`, blocking."""
+        async def go() -> str:
+            return await self._allocator.claim(batch_id, customer_id, client_id=client_id,
+                                               request_id=request_id)
+        return self._call(go())
+
+    def expire(self, batch_id: str) -> bool:
+        """As :meth:`Allocator.expire`, blocking."""
+        return self._call(self._allocator.expire(batch_id))
+
+    def batches(self) -> list[dict[str, Any]]:
+        """As :meth:`Allocator.batches`, blocking."""
+        return self._call(self._allocator.batches())
+
+    def stats(self) -> dict[str, Any]:
+        """As :meth:`Allocator.stats`, blocking."""
+        return self._call(self._allocator.stats())
+
+    def close(self) -> None:
+        """Stop the shards and the loop thread."""
+        if self._loop is None:
+            return
+        try:
+            self._call(self._allocator.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+            self._loop = None

@@ -8,6 +8,7 @@ import signal
 import time
 
 import psycopg
+import pytest
 
 import ango
 from ango.audit import violations
@@ -266,3 +267,20 @@ def test_codes_of_a_dead_allocator_become_claimable_within_five_seconds(dsn):
     got, elapsed = run(drain())
     assert len(set(got)) == 39
     assert_invariants(dsn)
+
+
+def test_sync_allocator_claims_from_many_threads_without_duplicates(dsn):
+    from concurrent.futures import ThreadPoolExecutor
+
+    batch = make_batch(dsn, 300, {"maxpercustomer": 1})
+    with ango.SyncAllocator(dsn, shards=2) as alloc:
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda i: alloc.claim(batch, f"t-{i}"), range(200)))
+        with pytest.raises(ango.RuleViolation):
+            alloc.claim(batch, "t-0")
+        assert alloc.expire(batch) is True
+        with pytest.raises(ango.BatchExpired):
+            alloc.claim(batch, "t-new")
+        listed = {b["id"]: b for b in alloc.batches()}
+        assert listed[batch]["issued"] == 200 and listed[batch]["expired"] is True
+    assert len(set(codes)) == 200
