@@ -112,9 +112,13 @@ class AngoSide:
         _checkpoint(db)
 
     def run(self, seconds: float, warmup: float, concurrency: int, connections: int,
-            postmaster: int | None, run_no: int) -> dict:
-        """One steady window against a new server; returns its figures."""
-        budget = int((self.codes - len(self.received)) * 0.95)
+            postmaster: int | None, run_no: int, budget: int | None = None) -> dict:
+        """One steady window against a new server; returns its figures.
+
+        ``budget`` caps the claims started (default: 95 % of the codes left).
+        """
+        left = int((self.codes - len(self.received)) * 0.95)
+        budget = left if budget is None else min(budget, left)
         server = start_server(secrets.token_hex(16), dsn=self.db, shards=self.shards)
         cpu = CpuSplit({"client": lambda: [os.getpid()], "server": lambda: [server.pid],
                         "shards": children_of(server.pid)},

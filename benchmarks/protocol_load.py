@@ -179,7 +179,7 @@ async def drive(port: int, token: str, batch: str, concurrency: int, connections
         t0 = clock()
         while clock() < stop_at and window_end is None:
             await asyncio.sleep(min(0.05, max(0.0, stop_at - clock())))
-        result.seconds = (window_end or clock()) - t0
+        result.seconds = max(0.0, (window_end or clock()) - t0)
         if on_window:
             on_window[1]()
 
