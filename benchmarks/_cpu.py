@@ -90,10 +90,14 @@ class CpuSplit:
             try:
                 main = psutil.Process(self.postmaster)
                 found[main.pid] = ("pg_background", _cpu(main))
-                for child in main.children():
-                    found[child.pid] = (self._postgres_group(child), _cpu(child))
+                children = main.children()
             except psutil.Error:
-                pass
+                children = []
+            for child in children:
+                try:  # a backend may exit meanwhile: skip it, keep the others
+                    found[child.pid] = (self._postgres_group(child), _cpu(child))
+                except psutil.Error:
+                    pass
         return found
 
     def start(self) -> None:

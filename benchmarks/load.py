@@ -350,6 +350,9 @@ def _median_side(runs: list[dict]) -> dict:
     side = {key: statistics.median(r[key] for r in runs)
             for key in ("claims_per_s", "p50_ms", "p99_ms")}
     side["errors"] = sum(r["errors"] for r in runs)
+    for key in ("clients", "clients_requested"):
+        if key in runs[0]:
+            side[key] = runs[0][key]
     side["runs"] = runs
     return side
 
