@@ -1,10 +1,11 @@
-"""pytest-benchmark: one group commit of 1,000 claims, on a real PostgreSQL.
+"""pytest-benchmark: one group commit of 1,000 (and of 50) claims, on a real PostgreSQL.
 
     .venv/bin/python -m pytest benchmarks/test_bench_group_commit.py --benchmark-enable
 
 Each round runs ``ango.shards.worker.Shard.commit`` itself — the ``issue_group``
 statement of ``ango.sql.queries`` with the parameters it builds, one
-autocommitted statement — for 1,000 claims of 1,000 fresh customers, on codes
+autocommitted statement — for 1,000 claims of 1,000 fresh customers (and for
+50, the group size a shard commits at C = 100 with two shards), on codes
 leased beforehand with ``lease_block`` (outside the timing). The server is
 ``ANGO_BENCH_DSN``, else Ango's own lookup; the database is made for the module
 (``benchmarks._db.fresh_database``) and dropped afterwards.
@@ -28,13 +29,15 @@ from ango.sql import queries
 from benchmarks._db import CLIENT, fresh_database, server_dsn, write_codes_csv
 
 GROUP = 1000
+# The group a shard commits at C = 100 with two shards is about 50 claims.
+SIZES = [GROUP, 50]
 ROUNDS = 20
 
 
 @pytest.fixture(scope="module")
 def bench_db(tmp_path_factory):
     """A fresh database with two batches: rule ``maxpercustomer 1`` and no rule."""
-    codes = GROUP * (ROUNDS + 5)
+    codes = sum(SIZES) * (ROUNDS + 5)
     with fresh_database(server_dsn()) as db:
         folder = tmp_path_factory.mktemp("group")
         ruled = import_codes(db, write_codes_csv(folder / "a.csv", codes), CLIENT, "ruled",
@@ -52,8 +55,9 @@ def bench_db(tmp_path_factory):
 _tags = itertools.count(1)
 
 
+@pytest.mark.parametrize("size", SIZES, ids=[f"{n}_claims" for n in SIZES])
 @pytest.mark.parametrize("ruled", [True, False], ids=["rule_maxpercustomer_1", "no_rule"])
-def test_bench_group_commit_1000_claims(benchmark, bench_db, ruled):
+def test_bench_group_commit(benchmark, bench_db, ruled, size):
     db, batches = bench_db
     batch_id, key = batches[ruled]
     meta = BatchMeta(key, CLIENT, 1 if ruled else None, None, False)
@@ -65,14 +69,14 @@ def test_bench_group_commit_1000_claims(benchmark, bench_db, ruled):
     shard.conn = loop.run_until_complete(psycopg.AsyncConnection.connect(db, autocommit=True))
 
     def setup():
-        rows = sync.execute(queries["lease_block"], {"key": key, "n": GROUP, "min": GROUP,
+        rows = sync.execute(queries["lease_block"], {"key": key, "n": size, "min": size,
                                                      "split": 2, "me": shard.owner}).fetchall()
-        assert len(rows) == GROUP
+        assert len(rows) == size
         lease = rows[0][0]
         shard.pool.add_lease(lease, key, [code for _, code in rows])
         now = time.monotonic()
         group = []
-        for _ in range(GROUP):
+        for _ in range(size):
             tag = next(_tags)
             p = Pending(tag, batch_id, f"customer-{tag}", None, uuid.uuid4().hex, now)
             p.meta = meta
@@ -92,4 +96,4 @@ def test_bench_group_commit_1000_claims(benchmark, bench_db, ruled):
         loop.run_until_complete(shard.conn.close())
         loop.close()
         sync.close()
-    assert issued == GROUP
+    assert issued == size
