@@ -112,6 +112,8 @@ def parse_rules(value: str | dict[str, Any] | None) -> Rules:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
             raise InvalidInput(f"rules: not valid JSON ({exc.msg} at position {exc.pos})") from None
+        except (RecursionError, ValueError) as exc:  # absurd nesting or a 5000-digit number
+            raise InvalidInput(f"rules: not acceptable JSON ({type(exc).__name__})") from None
         if value is None:
             return Rules()
     if not isinstance(value, dict):

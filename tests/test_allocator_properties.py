@@ -26,7 +26,7 @@ rules_strategy = st.sampled_from(
     [None, {"maxpercustomer": 1}, {"maxpercustomer": 3}, {"maxpercustomer": 2, "timelimit": 7}])
 
 
-@settings(max_examples=12, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+@settings(max_examples=8, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=5, max_size=80), rules=rules_strategy,
        size=st.integers(3, 60))

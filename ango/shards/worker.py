@@ -391,7 +391,11 @@ class Shard:
                 "me": self.owner,
             }
             try:
-                rows = await (await conn.execute(queries["issue_group"], params)).fetchall()
+                try:
+                    cur = await conn.execute(queries["issue_group_fast"], params)
+                except psycopg.errors.UniqueViolation:  # rolled back: take the careful path
+                    cur = await conn.execute(queries["issue_group"], params)
+                rows = await cur.fetchall()
             except BaseException:
                 self.spent_leases[:0] = spent
                 raise
