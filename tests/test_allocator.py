@@ -284,3 +284,24 @@ def test_sync_allocator_claims_from_many_threads_without_duplicates(dsn):
         listed = {b["id"]: b for b in alloc.batches()}
         assert listed[batch]["issued"] == 200 and listed[batch]["expired"] is True
     assert len(set(codes)) == 200
+
+
+def test_exhausted_is_not_answered_while_a_refused_claim_may_return_the_last_code(dsn):
+    batch = make_batch(dsn, 2, {"maxpercustomer": 1})
+
+    async def first():
+        async with ango.Allocator(dsn, shards=1) as alloc:
+            return await alloc.claim(batch, "a")
+
+    run(first())
+
+    async def second():
+        # A fresh allocator does not know "a" is at the limit: "a" takes the last
+        # code in the group, PostgreSQL refuses it, and the code must go to "b".
+        async with ango.Allocator(dsn, shards=1) as alloc:
+            return await gather_outcomes([alloc.claim(batch, "a"), alloc.claim(batch, "b")])
+
+    a, b = run(second())
+    assert isinstance(a, ango.RuleViolation)
+    assert isinstance(b, str)
+    assert_invariants(dsn)

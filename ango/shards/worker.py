@@ -313,18 +313,22 @@ class Shard:
                 await self.lease(batch_key, short)
         issuing: list[Pending] = []
         others: dict[int, bool] = {}
+        in_group: Counter[int] = Counter()
         for p in ready:
             got = self.pool.take(p.meta.key)
             if got is None:
                 self.release_slot(p)
                 if p.meta.key not in others:
                     others[p.meta.key] = await self.others_hold(p.meta.key)
-                if others[p.meta.key]:
+                # A code of this group may yet come back (its claim refused):
+                # "exhausted" only once no code of the batch is held anywhere (I7).
+                if others[p.meta.key] or in_group[p.meta.key]:
                     deferred.append(p)
                 else:
                     verify.append((p, BatchExhausted(f"batch {p.batch_id} has no code left")))
                 continue
             p.code, p.lease = got
+            in_group[p.meta.key] += 1
             issuing.append(p)
         if issuing or verify:
             await self.commit(issuing, verify, deferred)
