@@ -217,3 +217,27 @@ def demo(dsn: str | None, data_dir: str | None, shards: int | None) -> None:
         run_demo(dsn, data_dir, shards=shards, echo=click.echo)
     except AngoError as exc:
         raise _fail(exc) from None
+
+
+@main.command()
+@click.option("--stale-seconds", default=5.0, show_default=True, type=click.FloatRange(0),
+              help="An owner silent this long holds its codes unlawfully (I3).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_dsn_option
+@_data_dir_option
+def audit(stale_seconds: float, as_json: bool, dsn: str | None, data_dir: str | None) -> None:
+    """Check the invariants from PostgreSQL alone; exit 1 if any is broken."""
+    from ango.audit import check_invariants
+
+    found = _ready(dsn, data_dir)
+    with database.connect(found, autocommit=True) as conn:
+        result = check_invariants(conn, stale_seconds=stale_seconds)
+    broken = {name: rows for name, rows in result.items() if rows}
+    if as_json:
+        click.echo(json.dumps({name: [list(map(str, r)) for r in rows]
+                               for name, rows in result.items()}))
+    else:
+        for name, rows in result.items():
+            click.echo(f"{'FAIL' if rows else 'ok':4}  {name}" + (f": {rows[:3]}" if rows else ""))
+    if broken:
+        sys.exit(1)

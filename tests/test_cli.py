@@ -287,3 +287,25 @@ def test_installed_command_exits_nonzero_with_a_one_line_error(dsn, tmp_path):
     assert proc.stdout == ""
     assert proc.stderr.startswith("Error: line 3: code 'A' is repeated in the file")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_audit_passes_on_a_sound_database_and_fails_on_a_rule_breach(dsn):
+    import psycopg as _pg
+
+    from tests.helpers import make_batch
+
+    runner = CliRunner()
+    batch = make_batch(dsn, 5, {"maxpercustomer": 1})
+    ok = runner.invoke(main, ["audit", "--dsn", dsn])
+    assert ok.exit_code == 0, ok.output
+    assert "FAIL" not in ok.output
+    with _pg.connect(dsn) as conn:
+        key = conn.execute("SELECT key FROM ango.batches WHERE id = %s", (batch,)).fetchone()[0]
+        codes = [r[0] for r in conn.execute(
+            "SELECT code FROM ango.codes WHERE batch_key = %s LIMIT 2", (key,))]
+        for i, code in enumerate(codes):
+            conn.execute("INSERT INTO ango.issues (code, batch_key, customer_id, request_id)"
+                         " VALUES (%s, %s, 'greedy', %s)", (code, key, f"r{i}"))
+    bad = runner.invoke(main, ["audit", "--dsn", dsn, "--json"])
+    assert bad.exit_code == 1
+    assert json.loads(bad.output)["I4 rules hold"]
