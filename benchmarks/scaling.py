@@ -153,7 +153,7 @@ def run(seconds: float, warmup: float, shard_counts: list[int], concurrencies: l
             side.shards = None
             for c in concurrencies:
                 points.append(_point(side, seconds, warmup, c, postmaster, n,
-                                     f"shards=default C={c}", log))
+                                     f"shards={os.cpu_count()} (default) C={c}", log))
                 n += 1
             result["points"] = points
             result["check"] = side.check()
