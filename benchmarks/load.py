@@ -260,7 +260,8 @@ class SeedSide:
             run_no: int) -> dict:
         """pgbench for warmup + seconds; figures from its per-transaction log."""
         clients = max(1, min(concurrency, self.free_connections()))
-        duration = math.ceil(warmup + seconds)
+        # A second past the window: the CPU sample at its end must find the backends alive.
+        duration = math.ceil(warmup + seconds) + 2
         log_prefix = self.tmp / f"pgbench{run_no}"
         cmd, env = self._command(clients, duration, log_prefix)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -270,9 +271,9 @@ class SeedSide:
 
         def sample() -> None:
             # pgbench connects first, then runs for `duration`: wait for its backends.
-            time.sleep(warmup + 0.2)
+            time.sleep(warmup + 0.5)
             cpu.start()
-            time.sleep(seconds - 0.4)
+            time.sleep(seconds)
             cpu.stop()
 
         sampler = threading.Thread(target=sample, daemon=True)
