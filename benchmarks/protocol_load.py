@@ -51,7 +51,9 @@ class Server:
             cmd += ["--shards", str(shards)]
         self.token = token
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
-        self.process = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        # Its stdout must not reach ours: `benchmarks.load --json` prints one object there.
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True)
         self.port = 0
         found = threading.Event()
 
