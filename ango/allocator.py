@@ -34,9 +34,24 @@ MAX_REQUEST_ID = 128
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+_CANONICAL: dict[str, str] = {}  # UUID strings already parsed: batch ids repeat on every claim
+_CANONICAL_MAX = 100_000
+
+
 def _uuid_text(value: object, what: str) -> str:
     if isinstance(value, uuid.UUID):
         return str(value)
+    found = _CANONICAL.get(value) if isinstance(value, str) else None
+    if found is not None:
+        return found
+    text = _parse_uuid_text(value, what)
+    if len(_CANONICAL) >= _CANONICAL_MAX:
+        _CANONICAL.clear()
+    _CANONICAL[value] = text
+    return text
+
+
+def _parse_uuid_text(value: object, what: str) -> str:
     if not isinstance(value, str) or len(value) > 64:
         raise InvalidInput(f"{what} must be a UUID string, got {type(value).__name__}"
                            if not isinstance(value, str) else f"{what} is too long")
@@ -140,7 +155,7 @@ class Allocator:
             bid = _uuid_text(batch_id, "batch id")
             customer = _text(customer_id, "customer id", MAX_CUSTOMER_ID)
             client = None if client_id is None else _uuid_text(client_id, "client id")
-            request = (uuid.uuid4().hex if request_id is None
+            request = (os.urandom(16).hex() if request_id is None
                        else _text(request_id, "request id", MAX_REQUEST_ID))
         except Exception as exc:
             future.set_exception(exc)

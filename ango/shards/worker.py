@@ -42,6 +42,7 @@ from ango.sql import queries
 log = logging.getLogger("ango.shard")
 
 MAX_GROUP = 2000          # claims per group commit
+GROUPS_IN_FLIGHT = 2      # group commits overlapping, each on its own connection
 MAX_BLOCK = 8192          # codes per lease, at most
 MAX_ATTEMPTS = 8          # a claim retried more often than this answers Unavailable
 HEARTBEAT_S = 1.0
@@ -105,7 +106,10 @@ class Shard:
         self.spent_leases: list[int] = []  # used up; deleted with the next group
         self.served = 0
         self.groups = 0
-        self.conn: psycopg.AsyncConnection | None = None
+        self.parked: list[Pending] = []  # waiting for a group in flight to finish
+        self.codes_in_flight: Counter[int] = Counter()  # per batch, in group commits
+        self.conn: psycopg.AsyncConnection | None = None  # checks, leases, loads
+        self.commit_conns: list[psycopg.AsyncConnection] = []  # idle group-commit connections
         self.hb_conn: psycopg.AsyncConnection | None = None
 
     # -- start-up and recovery -------------------------------------------------
@@ -114,6 +118,9 @@ class Shard:
         """Register, adopt the leases of dead owners, and load their codes."""
         self.conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
         self.hb_conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        for _ in range(GROUPS_IN_FLIGHT):
+            self.commit_conns.append(
+                await psycopg.AsyncConnection.connect(self.dsn, autocommit=True))
         await self.hb_conn.execute(
             queries["register_owner"],
             (self.owner, self.instance, self.index, os.getpid(), socket.gethostname(), self.parts),
@@ -184,15 +191,21 @@ class Shard:
         return {
             "shard": self.index, "owner": self.owner, "pid": os.getpid(),
             "partitions": self.parts, "claims_served": self.served, "groups": self.groups,
-            "pending": len(self.pending), "codes_held": self.pool.codes_held,
-            "leases_held": self.pool.leases_held, "customers_cached": len(self.counters),
+            "pending": len(self.pending), "parked": len(self.parked),
+            "codes_held": self.pool.codes_held, "leases_held": self.pool.leases_held,
+            "customers_cached": len(self.counters),
         }
 
     async def run(self) -> None:
-        """Serve groups until shut down."""
+        """Prepare groups one at a time; let up to GROUPS_IN_FLIGHT commit at once."""
+        in_flight: set[asyncio.Task[None]] = set()
         while True:
-            if not self.pending:
-                if self.stopping:
+            if not self.pending or not self.commit_conns:
+                if self.parked and not in_flight:
+                    await asyncio.sleep(0.005)  # only waiting on other shards: do not spin
+                    self.unpark()
+                    continue
+                if self.stopping and not self.pending and not in_flight:
                     return
                 await self.wake.wait()
                 self.wake.clear()
@@ -200,39 +213,94 @@ class Shard:
             size = min(len(self.pending), MAX_GROUP)
             group = [self.pending.popleft() for _ in range(size)]
             try:
-                await self.serve(group)
+                issuing, verify = await self.prepare(group)
             except psycopg.OperationalError as exc:
                 log.warning("shard %s: database error, retrying: %s", self.index, exc)
-                await self.recover_connection(group)
+                self.requeue(group)
+                self.conn = await self.reconnect(self.conn)
+                continue
             except Exception:  # a bug must not take the codes in hand with it
                 log.exception("shard %s: group failed", self.index)
-                for p in group:
-                    if p.code is not None:
-                        self.pool.put_back(p.meta.key, p.code, p.lease)
-                    self.answer(p, None, Unavailable("internal error; retry"))
+                self.fail(group)
+                continue
+            self.flush()
+            if issuing or verify:
+                task = asyncio.create_task(
+                    self.finish(group, issuing, verify, self.commit_conns.pop()))
+                in_flight.add(task)
+                task.add_done_callback(self._group_done(in_flight))
+            elif self.parked and not in_flight:
+                await asyncio.sleep(0.005)  # only waiting on other shards: do not spin
+                self.unpark()
+
+    def _group_done(self, in_flight: set[asyncio.Task[None]]):
+        def done(task: asyncio.Task[None]) -> None:
+            in_flight.discard(task)
+            self.wake.set()  # the loop may be waiting for the last group to end
+        return done
+
+    async def finish(self, group: list[Pending], issuing: list[Pending],
+                     verify: list[tuple[Pending, AngoError]],
+                     conn: psycopg.AsyncConnection) -> None:
+        """Commit a prepared group on its own connection, answer, and wake the loop."""
+        try:
+            await self.commit(issuing, verify, conn)
+        except psycopg.OperationalError as exc:
+            log.warning("shard %s: database error, retrying: %s", self.index, exc)
+            for p in issuing:
+                self.codes_in_flight[p.meta.key] -= 1
+            self.requeue(group)
+            conn = await self.reconnect(conn)
+        except Exception:
+            log.exception("shard %s: group commit failed", self.index)
+            self.fail(group)
+        finally:
+            self.commit_conns.append(conn)
+            self.unpark()
             self.flush()
             self.groups += 1
+            self.wake.set()
 
-    async def recover_connection(self, group: list[Pending]) -> None:
-        """Reconnect, and requeue the group: its request ids make the retry safe."""
-        deadline = time.monotonic()
+    def unpark(self) -> None:
+        """Claims that waited for a group in flight go back to the head of the queue."""
+        parked, self.parked = self.parked, []
+        for p in reversed(parked):
+            p.attempts += 1
+            if p.attempts > MAX_ATTEMPTS * 50:
+                self.answer(p, None, Unavailable("could not serve the claim in time; retry"))
+            else:
+                self.pending.appendleft(p)
+        if parked:
+            self.wake.set()
+
+    def fail(self, group: list[Pending]) -> None:
         for p in group:
+            if p.code is not None and p.meta is not None:
+                self.pool.put_back(p.meta.key, p.code, p.lease)
+            self.answer(p, None, Unavailable("internal error; retry"))
+        self.flush()
+
+    def requeue(self, group: list[Pending]) -> None:
+        """After a database error: back to the queue (request ids make the retry safe)."""
+        now = time.monotonic()
+        for p in reversed(group):
             if p.meta is not None and p.code is not None:
                 self.pool.put_back(p.meta.key, p.code, p.lease)
                 p.code = None
-            if p.meta is not None and p.slot is not None:
-                self.counters.release((p.meta.key, p.customer_id), p.slot)
-                p.slot = None
-            if deadline - p.received > DB_RETRY_S:
+            self.release_slot(p)
+            if now - p.received > DB_RETRY_S:
                 self.answer(p, None, Unavailable("database unavailable; retry"))
             else:
                 self.pending.appendleft(p)
+        self.flush()
+
+    async def reconnect(self, conn: psycopg.AsyncConnection | None) -> psycopg.AsyncConnection:
+        """A fresh connection, retried until the database answers."""
+        if conn is not None and not conn.closed:
+            await conn.close()
         while True:
             try:
-                if self.conn is not None and not self.conn.closed:
-                    await self.conn.close()
-                self.conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-                return
+                return await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
             except psycopg.OperationalError:
                 self.flush()
                 await asyncio.sleep(0.5)
@@ -268,8 +336,14 @@ class Shard:
             if limit:
                 self.counters.load(key, limit, slots)
 
-    async def serve(self, group: list[Pending]) -> None:
-        """Serve one group: check, lease, commit, answer."""
+    async def prepare(self, group: list[Pending]
+                      ) -> tuple[list[Pending], list[tuple[Pending, AngoError]]]:
+        """Check a group, reserve rule slots, lease and assign codes.
+
+        Returns the claims to issue and those to verify (refused by memory,
+        answered after a lookup of their request id); claims that must wait
+        for a group in flight are parked.
+        """
         unknown = {p.batch_id for p in group if p.batch_id not in self.batches}
         if unknown:
             await self.load_batches(unknown)
@@ -313,33 +387,24 @@ class Shard:
                 await self.lease(batch_key, short)
         issuing: list[Pending] = []
         others: dict[int, bool] = {}
-        in_group: Counter[int] = Counter()
         for p in ready:
             got = self.pool.take(p.meta.key)
             if got is None:
                 self.release_slot(p)
                 if p.meta.key not in others:
                     others[p.meta.key] = await self.others_hold(p.meta.key)
-                # A code of this group may yet come back (its claim refused):
+                # A code in a group commit may yet come back (its claim refused):
                 # "exhausted" only once no code of the batch is held anywhere (I7).
-                if others[p.meta.key] or in_group[p.meta.key]:
+                if others[p.meta.key] or self.codes_in_flight[p.meta.key]:
                     deferred.append(p)
                 else:
                     verify.append((p, BatchExhausted(f"batch {p.batch_id} has no code left")))
                 continue
             p.code, p.lease = got
-            in_group[p.meta.key] += 1
+            self.codes_in_flight[p.meta.key] += 1
             issuing.append(p)
-        if issuing or verify:
-            await self.commit(issuing, verify, deferred)
-        for p in reversed(deferred):
-            p.attempts += 1
-            if p.attempts > MAX_ATTEMPTS * 50:
-                self.answer(p, None, Unavailable("could not serve the claim in time; retry"))
-            else:
-                self.pending.appendleft(p)
-        if deferred and len(deferred) == len(group):
-            await asyncio.sleep(0.005)  # only waiting on others: do not spin
+        self.parked.extend(deferred)
+        return issuing, verify
 
     def release_slot(self, p: Pending, issued_at: float | None = None) -> None:
         if p.slot is not None:
@@ -369,13 +434,12 @@ class Shard:
         return bool(row[0])
 
     async def commit(self, issuing: list[Pending], verify: list[tuple[Pending, AngoError]],
-                     deferred: list[Pending]) -> None:
+                     conn: psycopg.AsyncConnection) -> None:
         """The group commit: one autocommitted statement in the common case.
 
         Claims are answered only after it returns, that is after COMMIT (I2).
         Misses are explained afterwards by reads of committed state.
         """
-        conn = self.conn
         issued: dict[str, float] = {}
         taken: set[str] = set()
         if issuing:
@@ -412,7 +476,9 @@ class Shard:
         outcome: dict[int, tuple[str | None, AngoError | None]] = {}
         retry: list[Pending] = []
         if missed or verify:
-            await self.explain(missed, verify, taken, outcome, retry)
+            await self.explain(conn, missed, verify, taken, outcome, retry)
+        for p in issuing:
+            self.codes_in_flight[p.meta.key] -= 1
         for p in issuing:
             at = issued.get(p.code)
             if at is not None:
@@ -434,12 +500,12 @@ class Shard:
             if p.attempts >= MAX_ATTEMPTS:
                 self.answer(p, None, Unavailable("claim kept conflicting; retry"))
             else:
-                deferred.append(p)
+                self.parked.append(p)
 
-    async def explain(self, missed: list[Pending], verify: list[tuple[Pending, AngoError]],
-                      taken: set[str], outcome: dict, retry: list[Pending]) -> None:
+    async def explain(self, conn: psycopg.AsyncConnection, missed: list[Pending],
+                      verify: list[tuple[Pending, AngoError]], taken: set[str], outcome: dict,
+                      retry: list[Pending]) -> None:
         """Why claims were not issued, read from committed state; decide each one."""
-        conn = self.conn
         phantom = [p for p in missed if p.code in taken]
         if phantom:
             await conn.execute(queries["release_phantom_slots"], (
@@ -518,13 +584,19 @@ class Shard:
 
     async def close(self) -> None:
         """Clean shutdown: retire so our leases are adoptable at once."""
+        # The control connection is idle once run() has returned; the heartbeat's
+        # may have been cancelled mid-query, so it is not used again.
         try:
-            await self.hb_conn.execute(queries["retire_owner"], (self.owner,))
-        except psycopg.Error:
+            await asyncio.wait_for(
+                self.conn.execute(queries["retire_owner"], (self.owner,)), 5.0)
+        except (psycopg.Error, TimeoutError):
             pass
-        for conn in (self.conn, self.hb_conn):
+        for conn in (self.conn, self.hb_conn, *self.commit_conns):
             if conn is not None:
-                await conn.close()
+                try:
+                    await asyncio.wait_for(conn.close(), 2.0)
+                except (psycopg.Error, TimeoutError):
+                    pass
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -551,6 +623,7 @@ async def main_async(args: argparse.Namespace) -> None:
         await shard.run()
     finally:
         beat.cancel()
+        await asyncio.gather(beat, return_exceptions=True)
         shard.flush()
         await shard.close()
 
