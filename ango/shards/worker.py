@@ -43,6 +43,7 @@ log = logging.getLogger("ango.shard")
 
 MAX_GROUP = 2000          # claims per group commit
 GROUPS_IN_FLIGHT = 2      # group commits overlapping, each on its own connection
+MIN_OVERLAP = 32          # claims waiting before a group overlaps the one in flight
 MAX_BLOCK = 8192          # codes per lease, at most
 MAX_ATTEMPTS = 8          # a claim retried more often than this answers Unavailable
 HEARTBEAT_S = 1.0
@@ -200,7 +201,10 @@ class Shard:
         """Prepare groups one at a time; let up to GROUPS_IN_FLIGHT commit at once."""
         in_flight: set[asyncio.Task[None]] = set()
         while True:
-            if not self.pending or not self.commit_conns:
+            # A second group overlaps the one in flight only once enough claims
+            # wait for it: small groups cost PostgreSQL and us more per claim.
+            if (not self.pending or not self.commit_conns
+                    or (in_flight and len(self.pending) < MIN_OVERLAP)):
                 if self.parked and not in_flight:
                     await asyncio.sleep(0.005)  # only waiting on other shards: do not spin
                     self.unpark()
@@ -211,6 +215,10 @@ class Shard:
                 self.wake.clear()
                 continue
             size = min(len(self.pending), MAX_GROUP)
+            if not in_flight and len(self.commit_conns) > 1 and size >= 2 * MIN_OVERLAP:
+                # A burst with nothing in flight: commit it as two overlapping
+                # halves, so PostgreSQL and this process work at the same time.
+                size //= 2
             group = [self.pending.popleft() for _ in range(size)]
             try:
                 issuing, verify = await self.prepare(group)
