@@ -14,11 +14,12 @@ FULL = -2  # the customer is at the limit for the current window
 class Slots:
     """One customer's slots in one batch."""
 
-    __slots__ = ("times", "known", "reserved")
+    __slots__ = ("times", "reserved")
 
     def __init__(self, limit: int) -> None:
+        # None: free, or not known to be taken (a counter not loaded from the
+        # database); either way the slot is tried and the database decides.
         self.times: list[float | None] = [None] * limit
-        self.known = False  # False: None means "unknown", taken as free; the database decides
         self.reserved = 0   # bit mask of slots held by claims in flight
 
 
@@ -67,22 +68,10 @@ class CustomerCounters:
         if issued_at is not None and slot < len(entry.times):
             entry.times[slot] = issued_at
 
-    def forget(self, key: tuple[int, str]) -> None:
-        """Drop a counter found stale; it is reloaded from the database."""
-        entry = self._entries.get(key)
-        if entry is not None and not entry.reserved:
-            del self._entries[key]
-
     def load(self, key: tuple[int, str], limit: int, slots: dict[int, float]) -> None:
         """Set a counter from the database's slots."""
         entry = self._get(key, limit)
         entry.times = [slots.get(i) for i in range(limit)]
-        entry.known = True
-
-    def is_known(self, key: tuple[int, str]) -> bool:
-        """Whether the counter was loaded from (or built against) the database."""
-        entry = self._entries.get(key)
-        return entry is not None and entry.known
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -302,10 +302,6 @@ FROM ango.issues i
 JOIN unnest(%(keys)s::integer[], %(customers)s::text[]) AS u(batch_key, customer_id)
   ON i.batch_key = u.batch_key AND i.customer_id = u.customer_id AND i.slot IS NOT NULL;
 
--- name: partitions_count
--- Partition count, for routing.
-SELECT value::integer FROM ango.meta WHERE key = 'partitions';
-
 -- name: audit_issued_codes_exist
 -- I1: every issue names a code of its own batch.
 SELECT i.code FROM ango.issues i
