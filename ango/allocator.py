@@ -26,6 +26,7 @@ from typing import Any
 from ango import batches as batches_lib
 from ango import database
 from ango.errors import InvalidInput, Unavailable
+from ango.importer import parse_uuid
 from ango.shards import messages as m
 from ango.shards.supervisor import ShardHandle
 
@@ -44,21 +45,11 @@ def _uuid_text(value: object, what: str) -> str:
     found = _CANONICAL.get(value) if isinstance(value, str) else None
     if found is not None:
         return found
-    text = _parse_uuid_text(value, what)
+    text = str(parse_uuid(value, what))
     if len(_CANONICAL) >= _CANONICAL_MAX:
         _CANONICAL.clear()
     _CANONICAL[value] = text
     return text
-
-
-def _parse_uuid_text(value: object, what: str) -> str:
-    if not isinstance(value, str) or len(value) > 64:
-        raise InvalidInput(f"{what} must be a UUID string, got {type(value).__name__}"
-                           if not isinstance(value, str) else f"{what} is too long")
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise InvalidInput(f"{what} must be a UUID, got {value[:80]!r}") from None
 
 
 def _text(value: object, what: str, limit: int) -> str:

@@ -51,8 +51,10 @@ def parse_uuid(value: object, what: str) -> uuid.UUID:
     """Parse a UUID or raise InvalidInput naming ``what``."""
     if isinstance(value, uuid.UUID):
         return value
-    if not isinstance(value, str) or len(value) > 64:
-        raise InvalidInput(f"{what} must be a UUID, got {str(value)[:80]!r}")
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a UUID string, got {type(value).__name__}")
+    if len(value) > 64:
+        raise InvalidInput(f"{what} must be a UUID, got a string of {len(value)} characters")
     try:
         return uuid.UUID(value)
     except ValueError:
