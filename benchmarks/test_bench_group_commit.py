@@ -87,7 +87,7 @@ def test_bench_group_commit(benchmark, bench_db, ruled, size):
         return (group,), {}
 
     def commit(group):
-        loop.run_until_complete(shard.commit(group, [], []))
+        loop.run_until_complete(shard.commit(group, [], shard.conn))
         return sum(1 for r in shard.results if r.code is not None and r.error is None)
 
     try:

