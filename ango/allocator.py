@@ -28,7 +28,7 @@ from ango import database
 from ango.errors import InvalidInput, Unavailable
 from ango.importer import parse_uuid
 from ango.shards import messages as m
-from ango.shards.supervisor import ShardHandle
+from ango.shards.supervisor import Deadlines, ShardHandle
 
 MAX_CUSTOMER_ID = 256
 MAX_REQUEST_ID = 128
@@ -73,10 +73,13 @@ class Allocator:
     """Hands out codes through shard processes; see the module docstring."""
 
     def __init__(self, dsn: str | None = None, *, shards: int | None = None,
-                 data_dir: str | os.PathLike[str] | None = None) -> None:
+                 data_dir: str | os.PathLike[str] | None = None,
+                 deadlines: Deadlines | None = None) -> None:
+        """``deadlines``: how hung shards are found and claims bounded (see Deadlines)."""
         if shards is not None and not 1 <= shards <= 256:
             raise InvalidInput(f"shards must be between 1 and 256, got {shards}")
         self._dsn_given = dsn
+        self._deadlines = deadlines or Deadlines()
         self._data_dir = data_dir
         self.shard_count = shards or os.cpu_count() or 1
         self.instance = str(uuid.uuid4())
@@ -107,7 +110,8 @@ class Allocator:
         for part in range(self.partitions):
             parts_of[part % self.shard_count].append(part)
         self._shards = [
-            ShardHandle(i, self.shard_count, self.instance, parts_of[i], self.dsn, self._on_stats)
+            ShardHandle(i, self.shard_count, self.instance, parts_of[i], self.dsn, self._on_stats,
+                        self._deadlines)
             for i in range(self.shard_count)
         ]
         try:
