@@ -132,7 +132,7 @@ class ShardHandle:
             self.process.kill()
             raise Unavailable(
                 f"shard {self.index} did not start: {exc or 'no answer'} (each shard holds "
-                f"{connections_per_shard()} PostgreSQL connections; {self.count} shards and the "
+                f"{connections_per_shard()} PostgreSQL connections; {self.count} shard(s) and the "
                 f"Allocator need {connections_needed(self.count)})") from None
         self.owner = ready.owner
         self.alive = True
