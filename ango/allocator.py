@@ -4,7 +4,8 @@
         code = await alloc.claim(batch_id, customer_id, request_id="order-17")
 
 The Allocator resolves the database (embedded PostgreSQL when no DSN is
-configured), applies the schema, and starts one shard process per CPU core.
+configured), applies the schema, and starts one shard process per CPU core
+(fewer if PostgreSQL has not the connections for them: see shards_for).
 A claim for (batch, customer) goes to the shard owning hash(batch, customer)
 modulo the partition count, so that customer's rule counter lives in one
 process; the shard answers from codes leased into its memory, after the group
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import logging
 import os
 import re
 import uuid
@@ -25,10 +27,18 @@ from typing import Any
 
 from ango import batches as batches_lib
 from ango import database
-from ango.errors import InvalidInput, Unavailable
+from ango.errors import ConfigurationError, InvalidInput, Unavailable
 from ango.importer import parse_uuid
 from ango.shards import messages as m
-from ango.shards.supervisor import ShardHandle
+from ango.shards.supervisor import (
+    ALLOCATOR_CONNECTIONS,
+    Deadlines,
+    ShardHandle,
+    connections_needed,
+    connections_per_shard,
+)
+
+log = logging.getLogger("ango.allocator")
 
 MAX_CUSTOMER_ID = 256
 MAX_REQUEST_ID = 128
@@ -64,6 +74,36 @@ def _text(value: object, what: str, limit: int) -> str:
     return value
 
 
+def shards_for(requested: int | None, budget: database.ConnectionBudget,
+               cores: int | None = None) -> int:
+    """How many shards to start: ``requested``, or one per core, as PostgreSQL allows.
+
+    A requested count that does not fit is refused, naming the numbers. The
+    default is one per core, capped to leave one shard's connections free (for
+    an operator's psql, or a restarted shard whose old connections linger).
+    """
+    per = connections_per_shard()
+    free = budget.available
+    fits = max(0, (free - ALLOCATOR_CONNECTIONS) // per)
+    wanted = requested or cores or os.cpu_count() or 1
+    if requested is not None and requested <= fits:
+        return requested
+    if requested is None and fits >= 1:
+        chosen = min(wanted, max(1, fits - 1))
+        if chosen < wanted:
+            log.warning("starting %d shard(s), not one per core (%d): PostgreSQL has room for "
+                        "%d more connections (%s), and each shard holds %d",
+                        chosen, wanted, free, budget.describe(), per)
+        return chosen
+    wanted = requested or 1  # by default, even one shard does not fit
+    advice = f"use at most {fits} shard(s), or raise" if fits else "raise"
+    raise ConfigurationError(
+        f"{wanted} shard(s) need {connections_needed(wanted)} PostgreSQL connections "
+        f"({per} per shard + {ALLOCATOR_CONNECTIONS} for the Allocator), but PostgreSQL has "
+        f"room for {free} more ({budget.describe()}); {advice} max_connections or the "
+        f"CONNECTION LIMIT, or close other connections")
+
+
 def partition_of(batch_id: str, customer_id: str, partitions: int) -> int:
     """The partition owning a customer's counters in a batch (stable across processes)."""
     return zlib.crc32(f"{batch_id}/{customer_id}".encode()) % partitions
@@ -73,10 +113,14 @@ class Allocator:
     """Hands out codes through shard processes; see the module docstring."""
 
     def __init__(self, dsn: str | None = None, *, shards: int | None = None,
-                 data_dir: str | os.PathLike[str] | None = None) -> None:
+                 data_dir: str | os.PathLike[str] | None = None,
+                 deadlines: Deadlines | None = None) -> None:
+        """``deadlines``: how hung shards are found and claims bounded (see Deadlines)."""
         if shards is not None and not 1 <= shards <= 256:
             raise InvalidInput(f"shards must be between 1 and 256, got {shards}")
         self._dsn_given = dsn
+        self._shards_requested = shards
+        self._deadlines = deadlines or Deadlines()
         self._data_dir = data_dir
         self.shard_count = shards or os.cpu_count() or 1
         self.instance = str(uuid.uuid4())
@@ -102,12 +146,14 @@ class Allocator:
     async def start(self) -> None:
         """Resolve the database, apply the schema and start the shards."""
         self.dsn = await self._in_thread(database.ready_dsn, self._dsn_given, self._data_dir)
-        self.partitions = await self._in_thread(self._read_partitions)
+        self.partitions, budget = await self._in_thread(self._read_layout)
+        self.shard_count = shards_for(self._shards_requested, budget)
         parts_of: list[list[int]] = [[] for _ in range(self.shard_count)]
         for part in range(self.partitions):
             parts_of[part % self.shard_count].append(part)
         self._shards = [
-            ShardHandle(i, self.shard_count, self.instance, parts_of[i], self.dsn, self._on_stats)
+            ShardHandle(i, self.shard_count, self.instance, parts_of[i], self.dsn, self._on_stats,
+                        self._deadlines)
             for i in range(self.shard_count)
         ]
         try:
@@ -119,9 +165,9 @@ class Allocator:
         self._route = [self._shards[p % self.shard_count] for p in range(self.partitions)]
         self._open = True
 
-    def _read_partitions(self) -> int:
+    def _read_layout(self) -> tuple[int, database.ConnectionBudget]:
         with database.connect(self.dsn) as conn:
-            return database.partition_count(conn)
+            return database.partition_count(conn), database.connection_budget(conn)
 
     async def close(self) -> None:
         """Finish the claims in flight, stop the shards, release their leases."""

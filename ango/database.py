@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import psycopg
 
 from ango.config import DEFAULT_PARTITIONS, resolve_dsn
@@ -52,3 +54,52 @@ def partition_count(conn: psycopg.Connection) -> int:
     """The number of code partitions recorded when the database was created."""
     row = conn.execute(queries["get_partitions"]).fetchone()
     return int(row[0])
+
+
+@dataclass(frozen=True)
+class ConnectionBudget:
+    """How many more connections PostgreSQL will accept from us, and why.
+
+    A limit of -1 means none (PostgreSQL's convention). Counts of connections
+    in use leave out the connection that measured them.
+    """
+
+    max_connections: int
+    reserved: int
+    superuser: bool
+    role_limit: int
+    database_limit: int
+    in_use: int
+    role_in_use: int
+    database_in_use: int
+
+    @property
+    def available(self) -> int:
+        """Connections we can still open (the smallest room left under any limit)."""
+        # Our own connection is closed before any of these are opened: count it free.
+        room = [self.max_connections - self.in_use - (0 if self.superuser else self.reserved)]
+        if not self.superuser:  # superusers ignore role and database limits
+            if self.role_limit >= 0:
+                room.append(self.role_limit - self.role_in_use)
+            if self.database_limit >= 0:
+                room.append(self.database_limit - self.database_in_use)
+        return max(0, min(room))
+
+    def describe(self) -> str:
+        """The numbers behind ``available``, for an error message."""
+        parts = [f"max_connections {self.max_connections}"]
+        if not self.superuser:
+            parts.append(f"{self.reserved} reserved")
+        parts.append(f"{self.in_use} in use")
+        if not self.superuser and self.role_limit >= 0:
+            parts.append(f"the role's CONNECTION LIMIT {self.role_limit} "
+                         f"({self.role_in_use} in use)")
+        if not self.superuser and self.database_limit >= 0:
+            parts.append(f"the database's CONNECTION LIMIT {self.database_limit} "
+                         f"({self.database_in_use} in use)")
+        return ", ".join(parts)
+
+
+def connection_budget(conn: psycopg.Connection) -> ConnectionBudget:
+    """Measure the connections PostgreSQL has room for (see ConnectionBudget)."""
+    return ConnectionBudget(*conn.execute(queries["connection_budget"]).fetchone())

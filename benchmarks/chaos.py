@@ -11,9 +11,11 @@ expired mid-run), each request with an explicit request id that is re-sent
 after any ``Unavailable`` or timeout until it gets an answer.
 
 Meanwhile faults are injected in rotation: ``kill -9`` of a shard process,
-``kill -9`` of the whole server followed by a restart on the same port, a
-PostgreSQL restart (fast) and crash (immediate), a raw client that sends
-hello and a claim and disconnects before reading, and one ``expire``. After
+a shard frozen with SIGSTOP for a few seconds (longer than the supervisor's
+ping deadline, so it is replaced) then sent SIGCONT, ``kill -9`` of the whole
+server followed by a restart on the same port, a PostgreSQL restart (fast)
+and crash (immediate), a raw client that sends hello and a claim and
+disconnects before reading, and one ``expire``. After
 each fault, once a claim succeeds again, and at the end, the database is
 checked against what the clients were told:
 
@@ -76,8 +78,11 @@ STALE_S = 5.0
 RECOVERY_BUDGET_S = 5.0
 #: How long the system may take to answer a claim again after a fault.
 ANSWER_AGAIN_S = 90.0
-ROTATION = ["shard_kill", "server_kill", "pg_restart", "client_disconnect", "expire",
-            "shard_kill", "pg_crash", "server_kill", "client_disconnect"]
+#: How long a frozen shard stays stopped: past the default ping deadline (3 s).
+FREEZE_S = 4.0
+ROTATION = ["shard_kill", "shard_freeze", "server_kill", "pg_restart", "client_disconnect",
+            "expire", "shard_kill", "pg_crash", "server_kill", "shard_freeze",
+            "client_disconnect"]
 
 ISSUES_SQL = """
 SELECT i.code, b.id::text, i.customer_id, i.request_id
@@ -210,6 +215,13 @@ class Server:
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _wake(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass  # replaced (killed) by the supervisor, as it should be
 
 
 def free_port() -> int:
@@ -496,13 +508,20 @@ class Chaos:
         note = ""
         at = time.monotonic()
         shard = None
-        if kind == "shard_kill":
+        if kind in ("shard_kill", "shard_freeze"):
             with self.client(10) as c:
                 pids = [s.get("pid") for s in c.stats()["per_shard"]]
             shard = random.randrange(len(pids))
             at = time.monotonic()
-            os.kill(pids[shard], signal.SIGKILL)
             note = f"shard {shard} pid {pids[shard]}"
+            if kind == "shard_kill":
+                os.kill(pids[shard], signal.SIGKILL)
+            else:
+                os.kill(pids[shard], signal.SIGSTOP)
+                # Woken later whatever happens meanwhile (it may have been replaced
+                # and killed by then): a woken stale shard must not break anything.
+                threading.Timer(FREEZE_S, _wake, (pids[shard],)).start()
+                note += f" stopped for {FREEZE_S:g} s"
         elif kind == "server_kill":
             shards_before = self.server.children()
             at = time.monotonic()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -49,6 +50,9 @@ MAX_ATTEMPTS = 8          # a claim retried more often than this answers Unavail
 HEARTBEAT_S = 1.0
 STALE_S = 3.0             # an owner silent this long is dead; its leases are adopted
 DB_RETRY_S = 15.0         # how long claims wait for the database to come back
+#: PostgreSQL connections a shard holds for its life (see start): the control
+#: connection, the heartbeat's, and one per group commit in flight.
+CONNECTIONS = 2 + GROUPS_IN_FLIGHT
 
 
 @dataclass
@@ -164,6 +168,8 @@ class Shard:
                 self.pending.append(
                     Pending(c.tag, c.batch_id, c.customer_id, c.client_id, c.request_id, now))
             self.wake.set()
+        elif isinstance(message, m.Ping):
+            self.send(m.Pong(message.seq))
         elif isinstance(message, m.StatsRequest):
             self.send(m.StatsReply(message.tag_id, self.stats()))
         elif isinstance(message, m.Shutdown):
@@ -624,9 +630,19 @@ async def main_async(args: argparse.Namespace) -> None:
     _, link = await loop.create_unix_connection(
         lambda: m.FramedProtocol(decoder, shard.receive, on_lost), sock=sock)
     shard.link = link
-    recovered = await shard.start()
+    try:
+        recovered = await shard.start()
+    except psycopg.Error as exc:
+        # Tell the Allocator why (too many clients, a wrong password...), so its
+        # error names PostgreSQL's reason, not only "did not start".
+        log.error("shard %s could not start: %s", args.index, exc)
+        shard.send(m.StartFailed(str(exc).strip() or type(exc).__name__))
+        link.transport.close()  # flushes the message first
+        await asyncio.wait([lost], timeout=2.0)
+        os._exit(78)
     shard.send(m.Ready(shard.owner, recovered))
     beat = asyncio.create_task(shard.heartbeat())
+    beat.add_done_callback(functools.partial(_heartbeat_ended, shard))
     try:
         await shard.run()
     finally:
@@ -634,6 +650,22 @@ async def main_async(args: argparse.Namespace) -> None:
         await asyncio.gather(beat, return_exceptions=True)
         shard.flush()
         await shard.close()
+
+
+def _heartbeat_ended(shard: Shard, beat: asyncio.Task[None]) -> None:
+    """A shard without its heartbeat must not run on: exit, and be restarted.
+
+    Its leases would go stale and be adopted by others while it kept serving
+    (PostgreSQL would refuse its commits, but its claims would fail). Exiting
+    at once lets the supervisor start a successor that adopts them and gets
+    the unanswered claims again, with their request ids.
+    """
+    if beat.cancelled():
+        return  # a clean shutdown
+    log.critical("shard %s: heartbeat stopped (%r); exiting to be replaced",
+                 shard.index, beat.exception())
+    shard.flush()
+    os._exit(70)
 
 
 def main() -> None:

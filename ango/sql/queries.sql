@@ -20,6 +20,26 @@ INSERT INTO ango.meta (key, value) VALUES ('partitions', %s) ON CONFLICT (key) D
 -- The partition count fixed at creation.
 SELECT value FROM ango.meta WHERE key = 'partitions';
 
+-- name: connection_budget
+-- What bounds the connections we may open: the server's max_connections less
+-- its reserved slots, the login role's and the database's CONNECTION LIMIT
+-- (-1: none), and the client connections already open against each (this
+-- one not counted). Superusers may use the reserved slots and ignore the
+-- role and database limits.
+SELECT current_setting('max_connections')::integer,
+       current_setting('superuser_reserved_connections')::integer
+           + coalesce(current_setting('reserved_connections', true)::integer, 0),
+       r.rolsuper, r.rolconnlimit, d.datconnlimit,
+       count(a.pid),
+       count(a.pid) FILTER (WHERE a.usename = session_user),
+       count(a.pid) FILTER (WHERE a.datname = current_database())
+FROM pg_roles r
+JOIN pg_database d ON d.datname = current_database()
+LEFT JOIN pg_stat_activity a
+       ON a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()
+WHERE r.rolname = session_user
+GROUP BY r.rolsuper, r.rolconnlimit, d.datconnlimit;
+
 -- name: applied_migrations
 -- Versions already applied.
 SELECT version FROM ango.schema_migrations;
