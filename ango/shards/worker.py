@@ -66,7 +66,7 @@ class Pending:
     """A claim in the shard's hands (a plain slotted class: one is made per claim)."""
 
     __slots__ = ("tag", "batch_id", "customer_id", "client_id", "request_id", "received",
-                 "attempts", "meta", "slot", "code", "lease", "followers")
+                 "attempts", "meta", "slot", "code", "lease", "followers", "rivals")
 
     def __init__(self, tag: int, batch_id: str, customer_id: str, client_id: str | None,
                  request_id: str, received: float) -> None:
@@ -81,7 +81,8 @@ class Pending:
         self.slot: int | None = None
         self.code: str | None = None
         self.lease = 0
-        self.followers: list[Pending] = []
+        self.followers: list[Pending] = []  # same batch, request id and customer
+        self.rivals: list[Pending] = []  # same batch and request id, another customer
 
 
 class Shard:
@@ -182,6 +183,11 @@ class Shard:
             self.results.append(m.Result(p.tag, None, error.code, str(error)))
         for follower in p.followers:
             self.answer(follower, code, error)
+        if p.rivals:
+            # Decided only now: PostgreSQL tells them whose request id it is.
+            self.pending.extendleft(reversed(p.rivals))
+            p.rivals = []
+            self.wake.set()
 
     def flush(self) -> None:
         if self.results:
@@ -367,15 +373,18 @@ class Shard:
             if meta is None or (p.client_id is not None and p.client_id != meta.client_id):
                 self.answer(p, None, BatchNotFound(f"no batch {p.batch_id} for this client"))
                 continue
-            if meta.expired:
-                self.answer(p, None, BatchExpired(f"batch {p.batch_id} has expired"))
-                continue
             p.meta = meta
             first = by_request.get((meta.key, p.request_id))
             if first is not None:
-                first.followers.append(p)
+                # A request id is one customer's: another customer's claim waits
+                # until the first is decided, then learns whose it is.
+                (first.followers if first.customer_id == p.customer_id
+                 else first.rivals).append(p)
                 continue
             by_request[(meta.key, p.request_id)] = p
+            if meta.expired:  # a retry still gets its recorded code (I6)
+                verify.append((p, BatchExpired(f"batch {p.batch_id} has expired")))
+                continue
             if meta.limit is not None:
                 slot = self.counters.reserve(
                     (meta.key, p.customer_id), meta.limit, meta.window, now)
@@ -543,11 +552,13 @@ class Shard:
             if p.meta.key in expired:
                 p.meta.expired = True
                 self.pool.drop_batch(p.meta.key)
-                outcome[p.tag] = (None, BatchExpired(f"batch {p.batch_id} has expired"))
-            elif (p.meta.key, p.request_id) in earlier:
-                self.pool.put_back(p.meta.key, p.code, p.lease)
+            if (p.meta.key, p.request_id) in earlier:  # a retry: whatever the batch's state
+                if not p.meta.expired:
+                    self.pool.put_back(p.meta.key, p.code, p.lease)
                 outcome[p.tag] = self.replay(p, earlier[(p.meta.key, p.request_id)])
                 self.needs_load.add(key)
+            elif p.meta.expired:
+                outcome[p.tag] = (None, BatchExpired(f"batch {p.batch_id} has expired"))
             elif p.lease not in mine:
                 self.pool.drop_lease(p.lease)
                 retry.append(p)
@@ -566,8 +577,8 @@ class Shard:
     def replay(self, p: Pending, found: tuple[str, str]) -> tuple[str | None, AngoError | None]:
         code, customer = found
         if customer != p.customer_id:
-            return None, InvalidInput(
-                f"request id {p.request_id!r} was already used for another customer")
+            return None, InvalidInput(f"request id {p.request_id!r} was already used by "
+                                      "another customer of this batch")
         return code, None
 
     # -- liveness -----------------------------------------------------------------
