@@ -159,3 +159,17 @@ def test_a_retry_gets_the_recorded_code_when_the_batch_is_exhausted_or_the_rule_
     assert retry == code
     assert isinstance(full, ango.RuleViolation)
     assert isinstance(exhausted, ango.BatchExhausted)
+
+
+def test_a_request_never_issued_is_told_the_batch_expired_even_by_a_full_rule(dsn):
+    batch = make_batch(dsn, 20, {"maxpercustomer": 1})
+
+    async def go():
+        async with ango.Allocator(dsn, shards=1) as alloc:
+            await alloc.claim(batch, "ann", request_id="order-1")
+            await alloc.expire(batch)
+            # The shard's counter says ann is at the limit; it has not heard of the expiry.
+            return await gather_outcomes([alloc.claim(batch, "ann", request_id="order-2")])
+
+    (outcome,) = run(go())
+    assert isinstance(outcome, ango.BatchExpired), outcome

@@ -528,13 +528,14 @@ class Shard:
             await conn.execute(queries["release_phantom_slots"], (
                 [p.meta.key for p in phantom], [p.customer_id for p in phantom],
                 [p.slot for p in phantom], [p.code for p in phantom]))
-        expired: set[int] = set()
         mine: set[int] = set()
         gone: set[str] = set()
+        # A claim refused as over the rule or exhausted by a shard that has not
+        # yet heard of an expiry is told the batch expired, as any later one is.
+        rows = await (await conn.execute(queries["expired_batches"], (list(
+            {p.meta.key for p in missed} | {p.meta.key for p, _ in verify}),))).fetchall()
+        expired = {row[0] for row in rows}
         if missed:
-            rows = await (await conn.execute(
-                queries["expired_batches"], (list({p.meta.key for p in missed}),))).fetchall()
-            expired = {row[0] for row in rows}
             rows = await (await conn.execute(
                 queries["leases_still_mine"],
                 (list({p.lease for p in missed}), self.owner))).fetchall()
@@ -572,7 +573,15 @@ class Shard:
                 retry.append(p)
         for p, error in verify:
             found = earlier.get((p.meta.key, p.request_id))
-            outcome[p.tag] = self.replay(p, found) if found else (None, error)
+            if found:
+                outcome[p.tag] = self.replay(p, found)
+            elif p.meta.key in expired:
+                if not p.meta.expired:
+                    p.meta.expired = True
+                    self.pool.drop_batch(p.meta.key)
+                outcome[p.tag] = (None, BatchExpired(f"batch {p.batch_id} has expired"))
+            else:
+                outcome[p.tag] = (None, error)
 
     def replay(self, p: Pending, found: tuple[str, str]) -> tuple[str | None, AngoError | None]:
         code, customer = found
