@@ -70,7 +70,7 @@ class Pending:
     """A claim in the shard's hands (a plain slotted class: one is made per claim)."""
 
     __slots__ = ("tag", "batch_id", "customer_id", "client_id", "request_id", "received",
-                 "attempts", "meta", "slot", "code", "lease", "followers")
+                 "attempts", "meta", "slot", "code", "lease", "followers", "rivals")
 
     def __init__(self, tag: int, batch_id: str, customer_id: str, client_id: str | None,
                  request_id: str, received: float) -> None:
@@ -85,7 +85,8 @@ class Pending:
         self.slot: int | None = None
         self.code: str | None = None
         self.lease = 0
-        self.followers: list[Pending] = []
+        self.followers: list[Pending] = []  # same batch, request id and customer
+        self.rivals: list[Pending] = []  # same batch and request id, another customer
 
 
 class Shard:
@@ -188,6 +189,11 @@ class Shard:
             self.results.append(m.Result(p.tag, None, error.code, str(error)))
         for follower in p.followers:
             self.answer(follower, code, error)
+        if p.rivals:
+            # Decided only now: PostgreSQL tells them whose request id it is.
+            self.pending.extendleft(reversed(p.rivals))
+            p.rivals = []
+            self.wake.set()
 
     def flush(self) -> None:
         if self.results:
@@ -373,15 +379,18 @@ class Shard:
             if meta is None or (p.client_id is not None and p.client_id != meta.client_id):
                 self.answer(p, None, BatchNotFound(f"no batch {p.batch_id} for this client"))
                 continue
-            if meta.expired:
-                self.answer(p, None, BatchExpired(f"batch {p.batch_id} has expired"))
-                continue
             p.meta = meta
             first = by_request.get((meta.key, p.request_id))
             if first is not None:
-                first.followers.append(p)
+                # A request id is one customer's: another customer's claim waits
+                # until the first is decided, then learns whose it is.
+                (first.followers if first.customer_id == p.customer_id
+                 else first.rivals).append(p)
                 continue
             by_request[(meta.key, p.request_id)] = p
+            if meta.expired:  # a retry still gets its recorded code (I6)
+                verify.append((p, BatchExpired(f"batch {p.batch_id} has expired")))
+                continue
             if meta.limit is not None:
                 slot = self.counters.reserve(
                     (meta.key, p.customer_id), meta.limit, meta.window, now)
@@ -525,13 +534,14 @@ class Shard:
             await conn.execute(queries["release_phantom_slots"], (
                 [p.meta.key for p in phantom], [p.customer_id for p in phantom],
                 [p.slot for p in phantom], [p.code for p in phantom]))
-        expired: set[int] = set()
         mine: set[int] = set()
         gone: set[str] = set()
+        # A claim refused as over the rule or exhausted by a shard that has not
+        # yet heard of an expiry is told the batch expired, as any later one is.
+        rows = await (await conn.execute(queries["expired_batches"], (list(
+            {p.meta.key for p in missed} | {p.meta.key for p, _ in verify}),))).fetchall()
+        expired = {row[0] for row in rows}
         if missed:
-            rows = await (await conn.execute(
-                queries["expired_batches"], (list({p.meta.key for p in missed}),))).fetchall()
-            expired = {row[0] for row in rows}
             rows = await (await conn.execute(
                 queries["leases_still_mine"],
                 (list({p.lease for p in missed}), self.owner))).fetchall()
@@ -549,11 +559,13 @@ class Shard:
             if p.meta.key in expired:
                 p.meta.expired = True
                 self.pool.drop_batch(p.meta.key)
-                outcome[p.tag] = (None, BatchExpired(f"batch {p.batch_id} has expired"))
-            elif (p.meta.key, p.request_id) in earlier:
-                self.pool.put_back(p.meta.key, p.code, p.lease)
+            if (p.meta.key, p.request_id) in earlier:  # a retry: whatever the batch's state
+                if not p.meta.expired:
+                    self.pool.put_back(p.meta.key, p.code, p.lease)
                 outcome[p.tag] = self.replay(p, earlier[(p.meta.key, p.request_id)])
                 self.needs_load.add(key)
+            elif p.meta.expired:
+                outcome[p.tag] = (None, BatchExpired(f"batch {p.batch_id} has expired"))
             elif p.lease not in mine:
                 self.pool.drop_lease(p.lease)
                 retry.append(p)
@@ -567,13 +579,21 @@ class Shard:
                 retry.append(p)
         for p, error in verify:
             found = earlier.get((p.meta.key, p.request_id))
-            outcome[p.tag] = self.replay(p, found) if found else (None, error)
+            if found:
+                outcome[p.tag] = self.replay(p, found)
+            elif p.meta.key in expired:
+                if not p.meta.expired:
+                    p.meta.expired = True
+                    self.pool.drop_batch(p.meta.key)
+                outcome[p.tag] = (None, BatchExpired(f"batch {p.batch_id} has expired"))
+            else:
+                outcome[p.tag] = (None, error)
 
     def replay(self, p: Pending, found: tuple[str, str]) -> tuple[str | None, AngoError | None]:
         code, customer = found
         if customer != p.customer_id:
-            return None, InvalidInput(
-                f"request id {p.request_id!r} was already used for another customer")
+            return None, InvalidInput(f"request id {p.request_id!r} was already used by "
+                                      "another customer of this batch")
         return code, None
 
     # -- liveness -----------------------------------------------------------------

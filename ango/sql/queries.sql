@@ -209,8 +209,10 @@ WITH spent AS (
     WHERE window_slot IS NOT NULL
     ON CONFLICT (batch_key, customer_id, slot) DO UPDATE
         SET code = EXCLUDED.code, issued_at = EXCLUDED.issued_at
+        -- timelimit days of 24 hours: calendar days would follow the session's
+        -- TimeZone through daylight-saving changes (counters and audit agree).
         WHERE s.issued_at < EXCLUDED.issued_at - (
-            SELECT make_interval(days => (b.rules ->> 'timelimit')::integer)
+            SELECT (b.rules ->> 'timelimit')::integer * interval '24 hours'
             FROM ango.batches b WHERE b.key = EXCLUDED.batch_key)
     RETURNING code
 ), ins AS (
@@ -265,8 +267,10 @@ WITH spent AS (
     WHERE window_slot IS NOT NULL
     ON CONFLICT (batch_key, customer_id, slot) DO UPDATE
         SET code = EXCLUDED.code, issued_at = EXCLUDED.issued_at
+        -- timelimit days of 24 hours: calendar days would follow the session's
+        -- TimeZone through daylight-saving changes (counters and audit agree).
         WHERE s.issued_at < EXCLUDED.issued_at - (
-            SELECT make_interval(days => (b.rules ->> 'timelimit')::integer)
+            SELECT (b.rules ->> 'timelimit')::integer * interval '24 hours'
             FROM ango.batches b WHERE b.key = EXCLUDED.batch_key)
     RETURNING code
 ), ins AS (
@@ -350,7 +354,8 @@ SELECT id, customer_id, issued_at FROM (
     SELECT b.id, i.customer_id, i.issued_at,
            lead(i.issued_at, (b.rules ->> 'maxpercustomer')::integer)
                OVER (PARTITION BY i.batch_key, i.customer_id ORDER BY i.issued_at) AS nth,
-           make_interval(days => (b.rules ->> 'timelimit')::integer) AS win
+           -- 24-hour days, as the claim statements count them.
+           (b.rules ->> 'timelimit')::integer * interval '24 hours' AS win
     FROM ango.issues i
     JOIN ango.batches b ON b.key = i.batch_key AND b.rules ? 'maxpercustomer'
 ) x
