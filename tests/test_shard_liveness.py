@@ -149,3 +149,30 @@ def test_claims_past_their_deadline_are_answered_unavailable_while_their_shard_i
     assert len(set(retried)) == 200
     with psycopg.connect(dsn) as conn:
         assert violations(conn) == []
+
+
+def test_closing_while_a_shard_restarts_does_not_wait_out_the_stop_timeout(dsn):
+    batch = make_batch(dsn, 10)
+
+    async def go():
+        alloc = ango.Allocator(dsn, shards=1, deadlines=DEADLINES)
+        await alloc.start()
+        code = await alloc.claim(batch, "c1")
+        # The successor's start-up blocks on the owners table until we let go.
+        with psycopg.connect(dsn) as blocker:
+            blocker.execute("LOCK TABLE ango.owners IN ACCESS EXCLUSIVE MODE")
+            alloc.kill_shard(0)
+            await asyncio.sleep(0.5)  # the watcher is starting the successor
+            started = time.monotonic()
+            closing = asyncio.create_task(alloc.close())
+            await asyncio.sleep(0.5)
+            blocker.rollback()
+            await closing
+        return code, time.monotonic() - started
+
+    code, closing = run(go())
+    assert code
+    # Before, close() waited the whole 15 s stop timeout for the starting process.
+    assert closing < 10.0
+    with psycopg.connect(dsn) as conn:
+        assert violations(conn) == []

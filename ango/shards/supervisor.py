@@ -286,6 +286,11 @@ class ShardHandle:
         if self.alive:
             self._flush()
             self.link.send(m.Shutdown(), self.encoder)
+        else:
+            # Starting or restarting: no claim was sent to this process yet (they
+            # go out once it is ready), so there is nothing to drain; what it has
+            # adopted is adopted again by the next owner, as after any death.
+            self.kill()
         if self.process is not None:
             try:
                 await asyncio.wait_for(self.process.wait(), timeout)
