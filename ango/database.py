@@ -82,7 +82,7 @@ def _params(dsn: str) -> dict[str, str]:
 
 def _keep_keyword(match: re.Match[str]) -> str:
     keywords = {"host", "hostaddr", "port", "dbname", "user", "sslmode", "connect_timeout"}
-    kept = match.group(1) in keywords or len(match.group(1)) <= 1
+    kept = match.group(1) in keywords or match.group(1) in ("", "=", "&", "?", "/", ":", "@")
     return match.group(0) if kept else '"…"'
 
 
@@ -177,15 +177,16 @@ def wait_until_ready(
     data_dir: str | None = None,
     *,
     seconds: float = 25.0,
-    interval: float = 5.0,
     report: Callable[[str], None] | None = None,
 ) -> str:
     """:func:`ready_dsn`, retried while PostgreSQL is unavailable, for up to ``seconds``.
 
-    Each failed attempt is passed to ``report`` (else logged). A refused user or
-    a missing database is not waited for: time will not fix it. Raises the last
-    ``DatabaseUnavailable`` when the time is up.
+    Attempts are ``seconds / 5`` apart (at most 5 s: 25 s means the original's
+    5 × 5 s), and each failed one is passed to ``report`` (else logged). A
+    refused user or a missing database is not waited for: time will not fix
+    it. Raises the last ``DatabaseUnavailable`` when the time is up.
     """
+    interval = min(5.0, max(0.2, seconds / 5))
     deadline = time.monotonic() + seconds
     attempt = 1
     while True:
@@ -198,7 +199,7 @@ def wait_until_ready(
                     f"{exc} (gave up after {attempt} attempt{'s' * (attempt > 1)} "
                     f"in {seconds:g} s)") from exc
             pause = min(interval, left)
-            (report or log.warning)(f"{exc}; attempt {attempt}, retrying in {pause:.3g} s")
+            (report or log.warning)(f"{exc}; attempt {attempt}, retrying in {pause:.1f} s")
             time.sleep(pause)
             attempt += 1
 
