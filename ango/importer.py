@@ -28,7 +28,16 @@ from typing import BinaryIO
 
 import psycopg
 
-from ango.errors import ImportFailed, InvalidInput
+from ango import database
+from ango.errors import (
+    DatabaseError,
+    DatabaseMissing,
+    DatabaseRefused,
+    ImportFailed,
+    ImportInterrupted,
+    InvalidInput,
+    Unavailable,
+)
 from ango.rules import parse_rules
 from ango.sql import queries
 
@@ -37,6 +46,8 @@ MAX_LINE_BYTES = 64 * 1024
 _BLOCK_BYTES = 1 << 20
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _COPY_LINE = re.compile(r"line (\d+)")
+# Held for the whole import transaction, so that imports run one at a time (see import_lock).
+_IMPORT_LOCK = 0x616E6769
 
 
 @dataclass(frozen=True)
@@ -339,38 +350,58 @@ def import_codes(
 
 
 def _import(dsn, stream, client, batch_name, rules_json, progress) -> ImportResult:
+    """One import, with any database failure told as an ImportFailed."""
+    try:
+        with database.connect(dsn) as conn:
+            return _import_on(conn, dsn, stream, client, batch_name, rules_json, progress)
+    except (DatabaseRefused, DatabaseMissing, DatabaseError) as exc:
+        raise ImportFailed(f"{exc}; nothing was imported") from exc
+    except Unavailable as exc:
+        raise ImportInterrupted(
+            f"{exc}; nothing was imported, and retrying the import is safe") from exc
+
+
+def _import_on(conn, dsn, stream, client, batch_name, rules_json, progress) -> ImportResult:
     batch_id = uuid.uuid4()
     # Where the file starts, to read it again for an error report.
     start = stream.tell() if stream.seekable() else None
     rows = _Rows(stream, client)
     seq = 0
-    with psycopg.connect(dsn) as conn:
-        try:
-            conn.execute(queries["ensure_client"], (client,))
-            (batch_key,) = conn.execute(
-                queries["insert_batch"],
-                (batch_id, client, batch_name, psycopg.types.json.Jsonb(rules_json)),
-            ).fetchone()
-            with (
-                _Background(_copy_blocks(rows, batch_key)) as blocks,
-                conn.cursor().copy(queries["copy_codes"]) as copy,
-            ):
-                for done, text, consumed in blocks:
-                    copy.write(text)
-                    seq = done
-                    if progress is not None:
-                        progress(consumed)
-            if seq == 0:
-                raise ImportFailed("the file holds no codes; nothing was imported")
-            conn.execute(queries["set_batch_total"], (seq, batch_key))
-            conn.execute(queries["insert_lease_cursor"], (batch_key, seq))
-        except psycopg.errors.UniqueViolation as exc:
-            conn.rollback()
-            raise _duplicate_error(conn, stream, start, client, exc) from None
-        except Exception:
-            conn.rollback()
-            raise
+    try:
+        conn.execute(queries["import_lock"], (_IMPORT_LOCK,))
+        conn.execute(queries["ensure_client"], (client,))
+        (batch_key,) = conn.execute(
+            queries["insert_batch"],
+            (batch_id, client, batch_name, psycopg.types.json.Jsonb(rules_json)),
+        ).fetchone()
+        with (
+            _Background(_copy_blocks(rows, batch_key)) as blocks,
+            conn.cursor().copy(queries["copy_codes"]) as copy,
+        ):
+            for done, text, consumed in blocks:
+                copy.write(text)
+                seq = done
+                if progress is not None:
+                    progress(consumed)
+        if seq == 0:
+            raise ImportFailed("the file holds no codes; nothing was imported")
+        conn.execute(queries["set_batch_total"], (seq, batch_key))
+        conn.execute(queries["insert_lease_cursor"], (batch_key, seq))
+    except psycopg.errors.UniqueViolation as exc:
+        conn.rollback()
+        raise _duplicate_error(conn, stream, start, client, exc) from None
+    except Exception:
+        conn.rollback()
+        raise
+    try:
         conn.commit()
+    except psycopg.OperationalError as exc:
+        # The COMMIT may or may not have reached the server before the connection broke.
+        raise ImportInterrupted(
+            f"{database.translate(exc, dsn)} while committing: batch {batch_id} may or may "
+            "not have been created (`ango batches` tells); retrying is safe, since a "
+            "retry of a committed import is refused whole as already in the database"
+        ) from exc
     return ImportResult(batch_id, seq)
 
 
