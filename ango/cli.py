@@ -95,11 +95,14 @@ def migrate(dsn: str | None, data_dir: str | None, partitions: int) -> None:
 @click.option("--batch", "batch_name", required=True, help="Name of the new batch.")
 @click.option("--rules", default=None,
               help='Rules JSON, e.g. {"maxpercustomer": 2, "timelimit": 30}.')
+@click.option("--header/--no-header", default=None,
+              help="Line 1 is a header / is a code (default: a header if it names 'code'; "
+                   "refused if it only looks like one).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_dsn_option
 @_data_dir_option
-def import_cmd(file: Path, client_id: str, batch_name: str, rules: str | None, as_json: bool,
-               dsn: str | None, data_dir: str | None) -> None:
+def import_cmd(file: Path, client_id: str, batch_name: str, rules: str | None,
+               header: bool | None, as_json: bool, dsn: str | None, data_dir: str | None) -> None:
     """Create a batch from FILE (CSV with client_id,code, or one code per line)."""
     from ango.importer import import_codes
 
@@ -113,9 +116,10 @@ def import_cmd(file: Path, client_id: str, batch_name: str, rules: str | None, a
                 bar.update(done - seen[0])
                 seen[0] = done
 
-            result = import_codes(found, file, client_id, batch_name, rules, progress=progress)
+            result = import_codes(found, file, client_id, batch_name, rules, progress=progress,
+                                  header=header)
     else:
-        result = import_codes(found, file, client_id, batch_name, rules)
+        result = import_codes(found, file, client_id, batch_name, rules, header=header)
     if as_json:
         click.echo(json.dumps({"batch_id": str(result.batch_id), "imported": result.imported}))
     else:

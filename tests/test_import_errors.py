@@ -87,3 +87,106 @@ def test_an_import_cut_off_by_the_server_says_what_happened(dsn, db, server_dsn,
         import_codes(dsn, path, CLIENT, "b", progress=kill_other_backends)
     assert "PostgreSQL at" in str(info.value) and "retrying the import is safe" in str(info.value)
     assert db.execute("SELECT count(*) FROM ango.batches").fetchone() == (0,)
+
+
+# --- headers never become codes ------------------------------------------------
+
+
+def table_counts(db) -> tuple[int, int]:
+    return db.execute(
+        "SELECT (SELECT count(*) FROM ango.batches), (SELECT count(*) FROM ango.codes)"
+    ).fetchone()
+
+
+def stored_codes(db) -> list[str]:
+    return [r[0] for r in db.execute("SELECT code FROM ango.codes ORDER BY seq")]
+
+
+@pytest.mark.parametrize("first", ["voucher", "Coupon", "VOUCHER_CODE", "Gift card", "promo-code"])
+def test_a_one_column_header_word_is_refused_not_imported_as_a_code(dsn, db, tmp_path, first):
+    path = tmp_path / "codes.txt"
+    path.write_text(f"{first}\nV1\nV2\n")
+    with pytest.raises(ImportFailed, match=r"^line 1: .* looks like a header.*--no-header"):
+        import_codes(dsn, path, CLIENT, "b")
+    assert table_counts(db) == (0, 0)
+
+
+def test_a_semicolon_separated_header_is_refused_whatever_header_says(dsn, db, tmp_path):
+    path = tmp_path / "codes.csv"
+    path.write_text(f"client_id;code\n{CLIENT};S1\n{CLIENT};S2\n")
+    for header in (None, True):
+        with pytest.raises(ImportFailed, match=r"^line 1: .*separates columns with ';'"):
+            import_codes(dsn, path, CLIENT, "b", header=header)
+    path.write_text("code\tvalue\nT1\t1\n")
+    with pytest.raises(ImportFailed, match="separates columns with tabs"):
+        import_codes(dsn, path, CLIENT, "b")
+    assert table_counts(db) == (0, 0)
+
+
+def test_a_first_line_unlike_the_lines_after_it_is_refused(dsn, db, tmp_path):
+    path = tmp_path / "codes.txt"
+    path.write_text("Gutscheincode\n" + "".join(f"K7Q{i:04d}X\n" for i in range(30)))
+    with pytest.raises(ImportFailed, match=r"^line 1: 'Gutscheincode' has no digit while each "
+                                           r"of the 30 lines after it has one"):
+        import_codes(dsn, path, CLIENT, "b")
+    assert table_counts(db) == (0, 0)
+
+
+def test_header_true_skips_any_one_column_header_and_false_imports_it(dsn, db, tmp_path):
+    path = tmp_path / "codes.txt"
+    path.write_text("voucher\nV1\nV2\n")
+    skipped = import_codes(dsn, path, CLIENT, "skipped", header=True)
+    assert skipped.imported == 2 and stored_codes(db) == ["V1", "V2"]
+    path.write_text("coupon\nW1\n")
+    kept = import_codes(dsn, path, CLIENT, "kept", header=False)
+    assert kept.imported == 2
+    assert db.execute("SELECT count(*) FROM ango.codes WHERE code = 'coupon'").fetchone() == (1,)
+
+
+def test_a_duplicate_after_an_explicit_header_still_names_its_line(dsn, db, tmp_path):
+    path = tmp_path / "codes.txt"
+    path.write_text("voucher\nD1\nD2\nD1\n")
+    with pytest.raises(ImportFailed, match=r"^line 4: code 'D1' is repeated in the file "
+                                           r"\(first on line 2\)"):
+        import_codes(dsn, path, CLIENT, "b", header=True)
+
+
+def test_plain_codes_and_code_headers_import_as_before(dsn, db, tmp_path):
+    path = tmp_path / "codes.txt"
+    path.write_text("".join(f"P{i:03d}\n" for i in range(40)))
+    assert import_codes(dsn, path, CLIENT, "plain").imported == 40
+    path.write_text("Code\nQ1\n")
+    assert import_codes(dsn, path, CLIENT, "code header").imported == 1
+
+
+def test_a_file_that_grows_while_it_is_read_is_refused(dsn, db, tmp_path, monkeypatch):
+    monkeypatch.setattr(importer, "_BLOCK_BYTES", 64)
+    path = tmp_path / "codes.txt"
+    path.write_text("code\n" + "".join(f"G{i:05d}\n" for i in range(100)))
+    size = path.stat().st_size
+
+    def append(done: int) -> None:
+        if path.stat().st_size == size:
+            with path.open("a") as f:
+                f.write("LATE1\n")
+
+    with pytest.raises(ImportFailed, match=rf"^the file changed while it was read \(from "
+                                           rf"{size:,} bytes to {size + 6:,} bytes\)"):
+        import_codes(dsn, path, CLIENT, "b", progress=append)
+    assert table_counts(db) == (0, 0)
+
+
+def test_cli_header_options_are_passed_to_the_import(dsn, db, tmp_path):
+    from click.testing import CliRunner
+
+    from ango.cli import main
+
+    path = tmp_path / "codes.txt"
+    path.write_text("voucher\nC1\n")
+    refused = CliRunner().invoke(main, ["import", str(path), "--client", CLIENT, "--batch", "r",
+                                        "--dsn", dsn])
+    assert refused.exit_code == 1 and "looks like a header" in refused.output
+    done = CliRunner().invoke(main, ["import", str(path), "--client", CLIENT, "--batch", "h",
+                                     "--header", "--dsn", dsn])
+    assert done.exit_code == 0, done.output
+    assert stored_codes(db) == ["C1"]
