@@ -250,6 +250,52 @@ def demo(dsn: str | None, data_dir: str | None, shards: int | None) -> None:
     run_demo(dsn, data_dir, shards=shards, echo=click.echo)
 
 
+@main.group()
+def db() -> None:
+    """The embedded PostgreSQL (used when no DSN is configured)."""
+
+
+def _embedded_dir(data_dir: str | None):
+    from ango.config import configured_dsn
+    from ango.config import data_dir as resolve_data_dir
+
+    if configured_dsn():
+        click.echo("note: ANGO_DSN or DATABASE_URL is set: commands use that server, "
+                   "not this one", err=True)
+    return resolve_data_dir(data_dir)
+
+
+@db.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_data_dir_option
+def db_status(as_json: bool, data_dir: str | None) -> None:
+    """Say whether the embedded PostgreSQL runs; exit 3 if it does not."""
+    from ango.config import embedded_status
+
+    status = embedded_status(_embedded_dir(data_dir))
+    if as_json:
+        click.echo(json.dumps(status.to_dict()))
+    elif status.running:
+        where = f"socket {status.socket_dir}, port {status.port}"
+        click.echo(f"running (pid {status.pid}, {where}), data in {status.pgdata}")
+    else:
+        click.echo(f"stopped, data in {status.pgdata}" if status.exists
+                   else f"no embedded PostgreSQL in {status.pgdata}")
+    if not status.running:
+        sys.exit(EXIT_NOT_FOUND)
+
+
+@db.command("stop")
+@_data_dir_option
+def db_stop(data_dir: str | None) -> None:
+    """Stop the embedded PostgreSQL (the next command that needs it starts it again)."""
+    from ango.config import stop_embedded
+
+    status = stop_embedded(_embedded_dir(data_dir))
+    click.echo(f"stopped (pid {status.pid}), data in {status.pgdata}" if status.running
+               else f"was not running, data in {status.pgdata}")
+
+
 @main.command()
 @click.option("--stale-seconds", default=5.0, show_default=True, type=click.FloatRange(0),
               help="An owner silent this long holds its codes unlawfully (I3).")
