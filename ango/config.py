@@ -28,7 +28,11 @@ def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
         base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
         path = Path(base) / "ango"
     path = path.expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot use {path} as the data directory: {exc.strerror or exc}") from None
     return path
 
 

@@ -142,3 +142,10 @@ def test_serve_waits_for_a_database_that_comes_back_within_db_wait(server_dsn, d
         assert "Traceback" not in serve.stderr
     finally:
         assert serve.stop() == 0
+
+
+def test_an_unusable_data_directory_exits_configuration(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = ango("batches", "--data-dir", str(blocker / "ango"))
+    assert_one_line_error(proc, EXIT_CONFIGURATION, "cannot use", "as the data directory")
