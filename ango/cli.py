@@ -108,6 +108,10 @@ def import_cmd(file: Path, client_id: str, batch_name: str, rules: str | None,
 
     found = database.ready_dsn(dsn, data_dir)
     size = os.path.getsize(file)
+
+    def waiting() -> None:
+        click.echo("another import is running; waiting for it to finish", err=True)
+
     if sys.stderr.isatty() and not as_json:
         with click.progressbar(length=size, label="importing", file=sys.stderr) as bar:
             seen = [0]
@@ -117,9 +121,10 @@ def import_cmd(file: Path, client_id: str, batch_name: str, rules: str | None,
                 seen[0] = done
 
             result = import_codes(found, file, client_id, batch_name, rules, progress=progress,
-                                  header=header)
+                                  header=header, on_wait=waiting)
     else:
-        result = import_codes(found, file, client_id, batch_name, rules, header=header)
+        result = import_codes(found, file, client_id, batch_name, rules, header=header,
+                              on_wait=waiting)
     if as_json:
         click.echo(json.dumps({"batch_id": str(result.batch_id), "imported": result.imported}))
     else:

@@ -410,13 +410,15 @@ def import_codes(
     *,
     progress: Callable[[int], None] | None = None,
     header: bool | None = None,
+    on_wait: Callable[[], None] | None = None,
 ) -> ImportResult:
     """Create a batch from a file of codes; all or nothing.
 
     ``header`` says whether line 1 is a header (True) or a code (False); when
     None, a line 1 naming ``code`` is a header and one that looks like a header
     otherwise is refused. ``progress`` is called now and then with the number
-    of bytes read. Raises ImportFailed (naming the line; ImportInterrupted when
+    of bytes read; ``on_wait`` once, before waiting for another import to end
+    (imports run one at a time). Raises ImportFailed (naming the line; ImportInterrupted when
     the database failed and a retry is safe) or InvalidInput; on any error
     nothing is imported.
     """
@@ -426,18 +428,28 @@ def import_codes(
     if _CONTROL.search(batch_name):
         raise InvalidInput("batch name contains a control character")
     parsed = parse_rules(rules)
+    options = _Options(parsed.to_json(), progress, header, on_wait)
     if isinstance(source, (str, Path)):
         with open(source, "rb") as stream:
-            return _import(dsn, stream, client, batch_name, parsed.to_json(), progress, header)
-    return _import(dsn, source, client, batch_name, parsed.to_json(), progress, header)
+            return _import(dsn, stream, client, batch_name, options)
+    return _import(dsn, source, client, batch_name, options)
 
 
-def _import(dsn, stream, client, batch_name, rules_json, progress, header) -> ImportResult:
+@dataclass(frozen=True)
+class _Options:
+    """How one import stores its batch, reads its file and reports (see import_codes)."""
+
+    rules_json: object
+    progress: Callable[[int], None] | None
+    header: bool | None
+    on_wait: Callable[[], None] | None
+
+
+def _import(dsn, stream, client, batch_name, options: _Options) -> ImportResult:
     """One import, with any database failure told as an ImportFailed."""
     try:
         with database.connect(dsn) as conn:
-            return _import_on(conn, dsn, stream, client, batch_name, rules_json, progress,
-                              header)
+            return _import_on(conn, dsn, stream, client, batch_name, options)
     except (DatabaseRefused, DatabaseMissing, DatabaseError) as exc:
         raise ImportFailed(f"{exc}; nothing was imported") from exc
     except Unavailable as exc:
@@ -445,20 +457,23 @@ def _import(dsn, stream, client, batch_name, rules_json, progress, header) -> Im
             f"{exc}; nothing was imported, and retrying the import is safe") from exc
 
 
-def _import_on(conn, dsn, stream, client, batch_name, rules_json, progress,
-               header) -> ImportResult:
+def _import_on(conn, dsn, stream, client, batch_name, options: _Options) -> ImportResult:
     batch_id = uuid.uuid4()
+    progress = options.progress
     # Where the file starts, to read it again for an error report.
     start = stream.tell() if stream.seekable() else None
     before = _file_state(stream)
-    rows = _Rows(stream, client, header)
+    rows = _Rows(stream, client, options.header)
     seq = 0
     try:
-        conn.execute(queries["import_lock"], (_IMPORT_LOCK,))
+        if not conn.execute(queries["import_try_lock"], (_IMPORT_LOCK,)).fetchone()[0]:
+            if options.on_wait is not None:
+                options.on_wait()
+            conn.execute(queries["import_lock"], (_IMPORT_LOCK,))
         conn.execute(queries["ensure_client"], (client,))
         (batch_key,) = conn.execute(
             queries["insert_batch"],
-            (batch_id, client, batch_name, psycopg.types.json.Jsonb(rules_json)),
+            (batch_id, client, batch_name, psycopg.types.json.Jsonb(options.rules_json)),
         ).fetchone()
         with (
             _Background(_copy_blocks(rows, batch_key)) as blocks,

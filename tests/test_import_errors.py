@@ -190,3 +190,22 @@ def test_cli_header_options_are_passed_to_the_import(dsn, db, tmp_path):
                                      "--header", "--dsn", dsn])
     assert done.exit_code == 0, done.output
     assert stored_codes(db) == ["C1"]
+
+
+def test_an_import_waits_for_the_one_running_and_says_so(dsn, db, tmp_path):
+    import psycopg
+
+    path = write_codes(tmp_path / "codes.txt", ["W1", "W2"])
+    waited = threading.Event()
+    outcome: list[object] = []
+    with psycopg.connect(dsn) as other:  # an import in progress holds the lock in its transaction
+        other.execute("SELECT pg_advisory_xact_lock(%s)", (importer._IMPORT_LOCK,))
+        thread = threading.Thread(target=lambda: outcome.append(
+            import_codes(dsn, path, CLIENT, "b", on_wait=waited.set)))
+        thread.start()
+        assert waited.wait(30)
+        thread.join(0.5)
+        assert thread.is_alive() and outcome == []  # still waiting
+        other.rollback()
+    thread.join(30)
+    assert [r.imported for r in outcome] == [2]
