@@ -143,3 +143,26 @@ def test_a_malformed_dsn_is_a_configuration_error_without_the_password(dsn):
     assert isinstance(exc, ConfigurationError)
     assert str(exc).startswith("the database DSN is malformed")
     assert "ret" not in str(exc).replace("after", "") and "s3cret" not in str(exc)
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    ('connection to server at "db", port 5432 failed: FATAL:  password authentication failed '
+     'for user "ango"', DatabaseRefused),
+    ('connection to server at "db", port 5432 failed: FATAL:  no pg_hba.conf entry for host '
+     '"10.0.0.9", user "ango", database "ango", no encryption', DatabaseRefused),
+    ('connection to server at "db", port 5432 failed: FATAL:  permission denied for database '
+     '"ango"', DatabaseRefused),
+    ('connection to server at "db", port 5432 failed: FATAL:  sorry, too many clients already',
+     DatabaseUnavailable),
+    ('connection to server at "db", port 5432 failed: FATAL:  the database system is starting up',
+     DatabaseUnavailable),
+    ('connection to server at "db", port 5432 failed: FATAL:  the database system is shutting '
+     'down', DatabaseUnavailable),
+])
+def test_connection_failures_libpq_reports_in_words_are_told_apart(text, kind):
+    # Connection failures carry no SQLSTATE, only libpq's text (these are its words for
+    # cases the test server cannot produce: it trusts every local user, with room to spare).
+    exc = database.translate(psycopg.OperationalError(f"connection failed: {text}"),
+                             "postgresql://ango:pw@db:5432/ango")
+    assert type(exc) is kind
+    assert str(exc).startswith("PostgreSQL at db:5432") and "FATAL" not in str(exc)
