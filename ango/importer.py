@@ -272,7 +272,6 @@ class _Rows:
             self.consumed += len(block)
             yield codes
 
-
     def _refuse_other_delimiters(self, fields: list[str]) -> None:
         """A one-column line 1 that splits on another delimiter into header names."""
         if len(fields) != 1:
@@ -306,7 +305,8 @@ def _unlike(first: str, block: bytes) -> str | None:
     Digits, lower-case and upper-case letters: a header such as ``Gutscheincode``
     over codes such as ``7KQ2-M9XD`` has no digit while every code has one.
     """
-    lines = [line.strip() for line in block.decode("utf-8", "replace").splitlines()[:1000]]
+    head = block[:64 * 1024].decode("utf-8", "replace").splitlines()[:1000]
+    lines = [line.strip() for line in head]
     lines = [line for line in lines if line]
     if len(lines) < _SHAPE_SAMPLE:
         return None
