@@ -305,7 +305,8 @@ def _unlike(first: str, block: bytes) -> str | None:
     Digits, lower-case and upper-case letters: a header such as ``Gutscheincode``
     over codes such as ``7KQ2-M9XD`` has no digit while every code has one.
     """
-    head = block[:64 * 1024].decode("utf-8", "replace").splitlines()[:1000]
+    head = block[:64 * 1024].decode("utf-8", "replace").splitlines()
+    head = head[:1000] if len(head) > 1000 or len(block) <= 64 * 1024 else head[:-1]  # whole lines
     lines = [line.strip() for line in head]
     lines = [line for line in lines if line]
     if len(lines) < _SHAPE_SAMPLE:
