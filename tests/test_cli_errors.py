@@ -126,7 +126,7 @@ def test_serve_gives_up_on_an_unreachable_database_after_db_wait_logging_each_at
 
 
 def test_serve_waits_for_a_database_that_comes_back_within_db_wait(server_dsn, dsn):
-    serve = ServeProcess("--dsn", dsn, "--shards", "1", "--db-wait", "20",
+    serve = ServeProcess("--dsn", dsn, "--shards", "1", "--db-wait", "5",
                          env={"ANGO_TOKEN": TOKEN})
     outcome: list[object] = []
     with refusing_connections(server_dsn, dsn):
