@@ -11,7 +11,23 @@ import click
 
 from ango import batches as batches_lib
 from ango import database
-from ango.errors import AngoError
+from ango.errors import (
+    AngoError,
+    AuthenticationFailed,
+    BatchNotFound,
+    ConfigurationError,
+    DatabaseMissing,
+    DatabaseRefused,
+)
+
+#: Exit statuses a script can tell apart (README "Exit status"); click itself exits 2
+#: for a usage error, and `ango audit` 1 when an invariant is broken.
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_REFUSED = 4
+EXIT_UNAVAILABLE = 5
+EXIT_CONFIGURATION = 6
 
 _dsn_option = click.option(
     "--dsn", envvar=None, default=None,
@@ -23,18 +39,38 @@ _data_dir_option = click.option(
 )
 
 
-def _fail(exc: AngoError) -> click.ClickException:
-    return click.ClickException(str(exc))
+class Failure(click.ClickException):
+    """An AngoError as one line on stderr and the exit status for its kind."""
+
+    def __init__(self, exc: AngoError, prefix: str = "") -> None:
+        super().__init__(prefix + " ".join(str(exc).split()))
+        self.exit_code = exit_status(exc)
 
 
-def _ready(dsn: str | None, data_dir: str | None) -> str:
-    try:
-        return database.ready_dsn(dsn, data_dir)
-    except AngoError as exc:
-        raise _fail(exc) from None
+def exit_status(exc: AngoError) -> int:
+    """The exit status of a command that failed with ``exc``."""
+    if isinstance(exc, (DatabaseRefused, AuthenticationFailed)):
+        return EXIT_REFUSED
+    if isinstance(exc, (DatabaseMissing, BatchNotFound)):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, ConfigurationError):
+        return EXIT_CONFIGURATION
+    if exc.retryable:
+        return EXIT_UNAVAILABLE
+    return EXIT_FAILED
 
 
-@click.group()
+class _Group(click.Group):
+    """A group whose commands report any AngoError as one line and its exit status."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AngoError as exc:
+            raise Failure(exc) from None
+
+
+@click.group(cls=_Group)
 @click.version_option(package_name="ango")
 def main() -> None:
     """Ango hands out unique codes to customers, each exactly once."""
@@ -49,11 +85,7 @@ def migrate(dsn: str | None, data_dir: str | None, partitions: int) -> None:
     """Create or upgrade the schema."""
     from ango.config import resolve_dsn
 
-    try:
-        found = resolve_dsn(dsn, data_dir)
-        applied = database.migrate(found, partitions)
-    except AngoError as exc:
-        raise _fail(exc) from None
+    applied = database.migrate(resolve_dsn(dsn, data_dir), partitions)
     click.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
 
 
@@ -63,30 +95,36 @@ def migrate(dsn: str | None, data_dir: str | None, partitions: int) -> None:
 @click.option("--batch", "batch_name", required=True, help="Name of the new batch.")
 @click.option("--rules", default=None,
               help='Rules JSON, e.g. {"maxpercustomer": 2, "timelimit": 30}.')
+@click.option("--header/--no-header", default=None,
+              help="Line 1 is a header / is a code (default: a header if it names 'code'; "
+                   "refused if it only looks like one).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_dsn_option
 @_data_dir_option
-def import_cmd(file: Path, client_id: str, batch_name: str, rules: str | None, as_json: bool,
-               dsn: str | None, data_dir: str | None) -> None:
+def import_cmd(file: Path, client_id: str, batch_name: str, rules: str | None,
+               header: bool | None, as_json: bool, dsn: str | None, data_dir: str | None) -> None:
     """Create a batch from FILE (CSV with client_id,code, or one code per line)."""
     from ango.importer import import_codes
 
-    found = _ready(dsn, data_dir)
+    found = database.ready_dsn(dsn, data_dir)
     size = os.path.getsize(file)
-    try:
-        if sys.stderr.isatty() and not as_json:
-            with click.progressbar(length=size, label="importing", file=sys.stderr) as bar:
-                seen = [0]
 
-                def progress(done: int) -> None:
-                    bar.update(done - seen[0])
-                    seen[0] = done
+    def waiting() -> None:
+        click.echo("another import is running; waiting for it to finish", err=True)
 
-                result = import_codes(found, file, client_id, batch_name, rules, progress=progress)
-        else:
-            result = import_codes(found, file, client_id, batch_name, rules)
-    except AngoError as exc:
-        raise _fail(exc) from None
+    if sys.stderr.isatty() and not as_json:
+        with click.progressbar(length=size, label="importing", file=sys.stderr) as bar:
+            seen = [0]
+
+            def progress(done: int) -> None:
+                bar.update(done - seen[0])
+                seen[0] = done
+
+            result = import_codes(found, file, client_id, batch_name, rules, progress=progress,
+                                  header=header, on_wait=waiting)
+    else:
+        result = import_codes(found, file, client_id, batch_name, rules, header=header,
+                              on_wait=waiting)
     if as_json:
         click.echo(json.dumps({"batch_id": str(result.batch_id), "imported": result.imported}))
     else:
@@ -99,7 +137,7 @@ def import_cmd(file: Path, client_id: str, batch_name: str, rules: str | None, a
 @_data_dir_option
 def batches(as_json: bool, dsn: str | None, data_dir: str | None) -> None:
     """List batches with their counts."""
-    found = _ready(dsn, data_dir)
+    found = database.ready_dsn(dsn, data_dir)
     with database.connect(found, autocommit=True) as conn:
         rows = batches_lib.list_batches(conn)
     if as_json:
@@ -121,12 +159,9 @@ def batches(as_json: bool, dsn: str | None, data_dir: str | None) -> None:
 @_data_dir_option
 def expire(batch_id: str, dsn: str | None, data_dir: str | None) -> None:
     """Expire BATCH_ID: once this returns, no claim of it succeeds."""
-    found = _ready(dsn, data_dir)
-    try:
-        with database.connect(found, autocommit=True) as conn:
-            changed = batches_lib.expire_batch(conn, batch_id)
-    except AngoError as exc:
-        raise _fail(exc) from None
+    found = database.ready_dsn(dsn, data_dir)
+    with database.connect(found, autocommit=True) as conn:
+        changed = batches_lib.expire_batch(conn, batch_id)
     click.echo(f"expired {batch_id}" if changed else f"{batch_id} was already expired")
 
 
@@ -144,8 +179,11 @@ def expire(batch_id: str, dsn: str | None, data_dir: str | None) -> None:
 @click.option("--noop", is_flag=True,
               help="Answer every claim with a constant code, without shards or database "
                    "(measures the transport).")
+@click.option("--db-wait", default=25.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds to wait for PostgreSQL at start-up, trying every SECONDS/5 "
+                   "(at most 5 s; 0: try once).")
 def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: int | None,
-          token: str | None, noop: bool) -> None:
+          token: str | None, noop: bool, db_wait: float) -> None:
     """Serve claims over TCP (docs/PROTOCOL.md) until SIGTERM or SIGINT."""
     import logging
 
@@ -167,11 +205,12 @@ def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: i
             "ango serving on %s:%d (protocol %d, %s, %s)", bound_host, bound_port,
             server.stats()["protocol_version"], mode, token_source)
 
+    if not noop:
+        dsn = database.wait_until_ready(dsn, data_dir, seconds=db_wait,
+                                        report=logging.getLogger("ango.database").warning)
     try:
         run_server(dsn=dsn, data_dir=data_dir, token=token, host=host, port=port, shards=shards,
                    noop=noop, on_ready=ready)
-    except AngoError as exc:
-        raise _fail(exc) from None
     except OSError as exc:
         reason = exc.strerror or exc
         raise click.ClickException(f"cannot serve on {host}:{port}: {reason}") from None
@@ -201,7 +240,7 @@ def claim(batch_id: str, customer_id: str, client_id: str | None, request_id: st
         with Client(host, port, token, timeout, data_dir=data_dir) as client:
             code = client.claim(batch_id, customer_id, client_id=client_id, request_id=request_id)
     except AngoError as exc:
-        raise click.ClickException(f"{exc.code}: {exc}") from None
+        raise Failure(exc, prefix=f"{exc.code}: ") from None
     click.echo(code)
 
 
@@ -213,10 +252,53 @@ def demo(dsn: str | None, data_dir: str | None, shards: int | None) -> None:
     """Import a demo batch, serve it, claim codes over TCP, print the counts."""
     from ango.demo import run_demo
 
-    try:
-        run_demo(dsn, data_dir, shards=shards, echo=click.echo)
-    except AngoError as exc:
-        raise _fail(exc) from None
+    run_demo(dsn, data_dir, shards=shards, echo=click.echo)
+
+
+@main.group()
+def db() -> None:
+    """The embedded PostgreSQL (used when no DSN is configured)."""
+
+
+def _embedded_dir(data_dir: str | None):
+    from ango.config import configured_dsn
+    from ango.config import data_dir as resolve_data_dir
+
+    if configured_dsn():
+        click.echo("note: ANGO_DSN or DATABASE_URL is set: commands use that server, "
+                   "not this one", err=True)
+    return resolve_data_dir(data_dir)
+
+
+@db.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_data_dir_option
+def db_status(as_json: bool, data_dir: str | None) -> None:
+    """Say whether the embedded PostgreSQL runs; exit 3 if it does not."""
+    from ango.config import embedded_status
+
+    status = embedded_status(_embedded_dir(data_dir))
+    if as_json:
+        click.echo(json.dumps(status.to_dict()))
+    elif status.running:
+        where = f"socket {status.socket_dir}, port {status.port}"
+        click.echo(f"running (pid {status.pid}, {where}), data in {status.pgdata}")
+    else:
+        click.echo(f"stopped, data in {status.pgdata}" if status.exists
+                   else f"no embedded PostgreSQL in {status.pgdata}")
+    if not status.running:
+        sys.exit(EXIT_NOT_FOUND)
+
+
+@db.command("stop")
+@_data_dir_option
+def db_stop(data_dir: str | None) -> None:
+    """Stop the embedded PostgreSQL (the next command that needs it starts it again)."""
+    from ango.config import stop_embedded
+
+    status = stop_embedded(_embedded_dir(data_dir))
+    click.echo(f"stopped (pid {status.pid}), data in {status.pgdata}" if status.running
+               else f"was not running, data in {status.pgdata}")
 
 
 @main.command()
@@ -229,7 +311,7 @@ def audit(stale_seconds: float, as_json: bool, dsn: str | None, data_dir: str | 
     """Check the invariants from PostgreSQL alone; exit 1 if any is broken."""
     from ango.audit import check_invariants
 
-    found = _ready(dsn, data_dir)
+    found = database.ready_dsn(dsn, data_dir)
     with database.connect(found, autocommit=True) as conn:
         result = check_invariants(conn, stale_seconds=stale_seconds)
     broken = {name: rows for name, rows in result.items() if rows}

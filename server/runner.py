@@ -63,7 +63,10 @@ async def serve_async(
 
 
 def serve(**kwargs: Any) -> None:
-    """Run :func:`serve_async` on uvloop until it returns (blocking)."""
-    import uvloop
-
+    """Run :func:`serve_async` until it returns (blocking), on uvloop where it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # not on Windows (setup.cfg), nor required: asyncio's own loop serves
+        asyncio.run(serve_async(**kwargs))
+        return
     uvloop.run(serve_async(**kwargs))

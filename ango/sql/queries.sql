@@ -52,6 +52,14 @@ INSERT INTO ango.schema_migrations (version, name) VALUES (%s, %s);
 -- Register a client on its first batch.
 INSERT INTO ango.clients (id) VALUES (%s) ON CONFLICT (id) DO NOTHING;
 
+-- name: import_try_lock
+-- Take the import lock if no other import holds it (true), without waiting.
+SELECT pg_try_advisory_xact_lock(%s);
+
+-- name: import_lock
+-- Imports run one at a time: two that share codes would otherwise each wait on a code the other inserted.
+SELECT pg_advisory_xact_lock(%s);
+
 -- name: insert_batch
 -- Create a batch; its codes follow by COPY in the same transaction.
 INSERT INTO ango.batches (id, client_id, name, rules) VALUES (%s, %s, %s, %s) RETURNING key;
