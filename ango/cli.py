@@ -12,6 +12,7 @@ import click
 from ango import batches as batches_lib
 from ango import database
 from ango.errors import AngoError
+from ango.logs import FORMATS, LEVELS
 
 _dsn_option = click.option(
     "--dsn", envvar=None, default=None,
@@ -144,32 +145,28 @@ def expire(batch_id: str, dsn: str | None, data_dir: str | None) -> None:
 @click.option("--noop", is_flag=True,
               help="Answer every claim with a constant code, without shards or database "
                    "(measures the transport).")
+@click.option("--log-level", envvar="ANGO_LOG_LEVEL", default="info", show_default=True,
+              type=click.Choice(LEVELS), help="Least severe log records written (stderr).")
+@click.option("--log-format", envvar="ANGO_LOG_FORMAT", default="text", show_default=True,
+              type=click.Choice(FORMATS), help="text, or json: one JSON object per line.")
 def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: int | None,
-          token: str | None, noop: bool) -> None:
+          token: str | None, noop: bool, log_level: str, log_format: str) -> None:
     """Serve claims over TCP (docs/PROTOCOL.md) until SIGTERM or SIGINT."""
-    import logging
-
+    from ango.logs import configure
+    from ango.server import log_startup
     from ango.server import serve as run_server
     from ango.tokens import ensure_token
 
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("ango").setLevel(logging.INFO)
+    configure(log_level, log_format)
     if token:
         token_source = "token from --token/ANGO_TOKEN"
     else:
         token, path = ensure_token(data_dir)
         token_source = f"token in {path}"
 
-    def ready(server, bound_host: str, bound_port: int) -> None:
-        mode = "noop" if server.noop else f"{server.allocator.shard_count} shards"
-        logging.getLogger("ango.server").info(
-            "ango serving on %s:%d (protocol %d, %s, %s)", bound_host, bound_port,
-            server.stats()["protocol_version"], mode, token_source)
-
     try:
         run_server(dsn=dsn, data_dir=data_dir, token=token, host=host, port=port, shards=shards,
-                   noop=noop, on_ready=ready)
+                   noop=noop, on_ready=lambda *where: log_startup(*where, note=token_source))
     except AngoError as exc:
         raise _fail(exc) from None
     except OSError as exc:
