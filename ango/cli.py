@@ -174,6 +174,22 @@ def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: i
         raise click.ClickException(f"cannot serve on {host}:{port}: {reason}") from None
 
 
+def _server_options(command):
+    """--host, --port, --token, --timeout, --data-dir: how to reach a running `ango serve`."""
+    for option in reversed((
+        click.option("--host", default="127.0.0.1", show_default=True, help="Server address."),
+        click.option("--port", default=7878, show_default=True, type=click.IntRange(1, 65535),
+                     help="Server port."),
+        click.option("--token", envvar="ANGO_TOKEN", default=None,
+                     help="Server token (else ANGO_TOKEN, else <data dir>/token)."),
+        click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1),
+                     help="Seconds to keep trying, retries included."),
+        _data_dir_option,
+    )):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("batch_id")
 @click.argument("customer_id")
@@ -181,14 +197,7 @@ def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: i
               help="Client id (UUID) the batch must belong to.")
 @click.option("--request-id", default=None,
               help="Idempotency key: the same id always returns the same code.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Server address.")
-@click.option("--port", default=7878, show_default=True, type=click.IntRange(1, 65535),
-              help="Server port.")
-@click.option("--token", envvar="ANGO_TOKEN", default=None,
-              help="Server token (else ANGO_TOKEN, else <data dir>/token).")
-@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1),
-              help="Seconds to keep trying, retries included.")
-@_data_dir_option
+@_server_options
 def claim(batch_id: str, customer_id: str, client_id: str | None, request_id: str | None,
           host: str, port: int, token: str | None, timeout: float, data_dir: str | None) -> None:
     """Claim a code of BATCH_ID for CUSTOMER_ID from a running `ango serve`; print it."""
@@ -238,3 +247,24 @@ def audit(stale_seconds: float, as_json: bool, dsn: str | None, data_dir: str | 
             click.echo(f"{'FAIL' if rows else 'ok':4}  {name}" + (f": {rows[:3]}" if rows else ""))
     if broken:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the server's answer as JSON.")
+@_server_options
+def stats(as_json: bool, host: str, port: int, token: str | None, timeout: float,
+          data_dir: str | None) -> None:
+    """Counters and health of a running `ango serve`: claims, shards, leases, database."""
+    from ango.client import Client
+    from ango.stats_table import stats_lines
+
+    try:
+        with Client(host, port, token, timeout, data_dir=data_dir) as client:
+            found = client.stats()
+    except AngoError as exc:
+        raise click.ClickException(f"{exc.code}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(found, indent=2, sort_keys=True))
+    else:
+        for line in stats_lines(found):
+            click.echo(line)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -18,7 +19,7 @@ from ango.client import Client
 from ango.errors import AuthenticationFailed, BatchExhausted
 from ango.health import describe_dsn
 from ango.logs import JsonFormatter, RateLimit
-from tests.servers import TOKEN, InProcessServer, ServeProcess, hello, new_batch
+from tests.servers import ANGO, TOKEN, InProcessServer, ServeProcess, hello, new_batch
 from tests.servers import connect as raw_connect
 
 
@@ -196,6 +197,37 @@ def test_serve_json_logs_name_versions_and_never_the_secrets(dsn, tmp_path):
     assert password not in everything
     assert TOKEN not in everything and "not-the-token" not in everything
     assert code not in everything
+
+
+def test_ango_stats_prints_a_table_and_json(dsn, tmp_path):
+    batch = new_batch(dsn, 10)
+    server = ServeProcess("--dsn", dsn, "--shards", "2", "--token", TOKEN,
+                          "--data-dir", str(tmp_path))
+    server.start()
+    try:
+        with Client("127.0.0.1", server.port, TOKEN) as client:
+            for i in range(3):
+                client.claim(batch, f"c{i}")
+        env = dict(os.environ, ANGO_TOKEN=TOKEN)
+        args = [*ANGO, "stats", "--port", str(server.port)]
+        as_json = subprocess.run([*args, "--json"], capture_output=True, text=True, env=env,
+                                 timeout=60, check=True)
+        table = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60,
+                               check=True)
+        wrong = subprocess.run([*args, "--token", "nope"], capture_output=True, text=True,
+                               timeout=60)
+    finally:
+        server.stop()
+    found = json.loads(as_json.stdout)
+    assert found["claims_served"] == 3 and found["shards_alive"] == 2
+    assert found["metrics"]["claims"]["ok"] == 3
+    assert found["metrics"]["codes_available"][batch] == 7
+    assert found["database"]["up"] is True
+    out = table.stdout
+    assert "shards 2/2 alive" in out and "claims          ok 3" in out
+    assert f"{batch}          7" in out
+    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
+    assert "unauthorized" in wrong.stderr
 
 
 # --- readiness across a PostgreSQL stop and start ---------------------------------------
