@@ -49,7 +49,9 @@ async def serve_async(
 
         allocator_cm = Allocator(dsn, shards=shards, data_dir=data_dir)
     async with allocator_cm as alloc:
-        server = ProtocolServer(alloc, token=token, limits=limits, metrics=Metrics(alloc))
+        # One Metrics per server, shared by every front end (binary protocol, HTTP).
+        metrics = Metrics(alloc)
+        server = ProtocolServer(alloc, token=token, limits=limits, metrics=metrics)
         bound_host, bound_port = await server.start(host, port)
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
