@@ -150,6 +150,20 @@ def test_rate_limit_reports_the_hits_it_held_back():
     assert limit.hit("a", now=10.5) == 3  # this one and the two held back
 
 
+@pytest.mark.parametrize("dsn", [
+    "postgresql://ango:s3cret@db.example:6543/codes",
+    "host=db.example port=6543 dbname=codes user=ango password=s3cret",
+])
+def test_the_logged_database_is_host_port_db_without_the_password(dsn):
+    assert describe_dsn(dsn) == "db.example:6543/codes"
+
+
+def test_serve_refuses_an_unknown_log_format_without_a_traceback():
+    found = subprocess.run([*ANGO, "serve", "--log-format", "xml"], capture_output=True,
+                           text=True, timeout=60)
+    assert found.returncode == 2 and "xml" in found.stderr and "Traceback" not in found.stderr
+
+
 def test_json_log_lines_carry_the_extra_fields():
     record = logging.LogRecord("ango.x", logging.WARNING, __file__, 1, "hello %s", ("you",), None)
     record.event = "thing"
@@ -228,6 +242,10 @@ def test_ango_stats_prints_a_table_and_json(dsn, tmp_path):
     assert f"{batch}          7" in out
     assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
     assert "unauthorized" in wrong.stderr
+    gone = subprocess.run([*args, "--timeout", "0.5"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert gone.returncode == 1 and "Traceback" not in gone.stderr
+    assert "unavailable" in gone.stderr
 
 
 # --- readiness across a PostgreSQL stop and start ---------------------------------------
