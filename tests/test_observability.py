@@ -277,3 +277,17 @@ def test_readiness_follows_postgresql_stop_and_start(caplog):
         assert len(up) == 1 and up[0].levelno == logging.INFO
     finally:
         pg.close()
+
+
+def test_readiness_is_false_while_a_shard_process_does_not_answer(dsn):
+    with ango.SyncAllocator(dsn, shards=2) as alloc:
+        assert alloc.ready() == (True, {"postgres": "ok", "shards": "2 of 2 alive"})
+        pid = alloc._allocator.shard_pids()[1]
+        os.kill(pid, signal.SIGSTOP)  # alive to the supervisor, but not serving
+        try:
+            ok, reasons = alloc.ready(timeout=0.5)
+            assert not ok and reasons["shards"] == "not serving: 1"
+            assert reasons["postgres"] == "ok"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert wait_for(lambda: alloc.ready()[0])
