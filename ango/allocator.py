@@ -28,6 +28,7 @@ from typing import Any
 from ango import batches as batches_lib
 from ango import database
 from ango.errors import ConfigurationError, InvalidInput, Unavailable
+from ango.health import DatabaseWatch
 from ango.importer import parse_uuid
 from ango.shards import messages as m
 from ango.shards.supervisor import (
@@ -37,6 +38,7 @@ from ango.shards.supervisor import (
     connections_needed,
     connections_per_shard,
 )
+from ango.tally import GROUP_SIZE_BUCKETS, SECONDS_BUCKETS, Tally, merged
 
 log = logging.getLogger("ango.allocator")
 
@@ -131,6 +133,7 @@ class Allocator:
         self._tags = itertools.count(1)
         self._stats_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._open = False
+        self.database: DatabaseWatch | None = None
 
     async def __aenter__(self) -> Allocator:
         await self.start()
@@ -163,6 +166,8 @@ class Allocator:
                                  return_exceptions=True)
             raise
         self._route = [self._shards[p % self.shard_count] for p in range(self.partitions)]
+        self.database = DatabaseWatch(self.dsn)
+        await self.database.start()
         self._open = True
 
     def _read_layout(self) -> tuple[int, database.ConnectionBudget]:
@@ -174,6 +179,8 @@ class Allocator:
         if not self._shards:
             return
         self._open = False
+        if self.database is not None:
+            await self.database.close()
         await asyncio.gather(*(s.stop() for s in self._shards), return_exceptions=True)
         self._shards = []
 
@@ -226,36 +233,101 @@ class Allocator:
         if waiter is not None and not waiter.done():
             waiter.set_result(reply.stats)
 
-    async def stats(self) -> dict[str, Any]:
-        """Health and counters: shards alive, claims in flight and served, leases held."""
+    async def _poll_shards(self, timeout: float) -> list[dict[str, Any]]:
+        """Each shard's own counters, asked over its link; a silent one is marked so."""
         loop = asyncio.get_running_loop()
         waits = []
         for shard in self._shards:
             future = loop.create_future()
+            tag = next(self._tags)
             if shard.alive:
-                tag = next(self._tags)
                 self._stats_waiters[tag] = future
                 shard.request_stats(tag)
             else:
                 future.set_result({"shard": shard.index, "alive": False})
-            waits.append(future)
+            waits.append((tag, future))
         per_shard: list[dict[str, Any]] = []
-        for future in waits:
+        for shard, (tag, future) in zip(self._shards, waits, strict=True):
             try:
-                per_shard.append(await asyncio.wait_for(future, 2.0))
+                found = dict(await asyncio.wait_for(future, timeout), alive=shard.alive)
             except TimeoutError:
-                per_shard.append({"alive": False, "error": "no answer within 2 s"})
+                self._stats_waiters.pop(tag, None)
+                found = {"shard": shard.index, "alive": False,
+                         "error": f"no answer within {timeout:g} s"}
+            # Counted by the supervisor, so they include the shard's dead incarnations.
+            found.update(claims_served=shard.served, claims_refused=shard.refused,
+                         groups=shard.group_sizes.count, restarts=shard.restarts)
+            per_shard.append(found)
+        return per_shard
+
+    async def stats(self) -> dict[str, Any]:
+        """Health and counters: shards alive, claims in flight and served, leases held.
+
+        Claims served and group commits are counted by the supervisor from the
+        shards' answers, so they stay right across shard restarts; leases and
+        codes held are what each live shard holds now.
+        """
+        per_shard = await self._poll_shards(2.0)
+        sizes, seconds = self.group_commits()
+        database = self.database
         return {
             "shards": self.shard_count,
-            "shards_alive": sum(1 for s in self._shards if s.alive),
+            "shards_alive": self.shards_alive,
             "partitions": self.partitions,
             "in_flight": sum(len(s.in_flight) for s in self._shards),
-            "claims_served": sum(s.get("claims_served", 0) for s in per_shard),
+            "claims_served": self.claims_served,
+            "claims_refused": sum(s.refused for s in self._shards),
             "leases_held": sum(s.get("leases_held", 0) for s in per_shard),
             "codes_held": sum(s.get("codes_held", 0) for s in per_shard),
-            "restarts": sum(s.restarts for s in self._shards),
+            "restarts": self.restarts,
+            "group_commits": {"size": sizes.summary(), "seconds": seconds.summary()},
+            "database": {"up": database.up if database else False,
+                         "error": database.error if database else "not started"},
             "per_shard": per_shard,
         }
+
+    def group_commits(self) -> tuple[Tally, Tally]:
+        """Claims per group commit and its duration, over every shard and incarnation."""
+        return (merged((s.group_sizes for s in self._shards), GROUP_SIZE_BUCKETS),
+                merged((s.group_seconds for s in self._shards), SECONDS_BUCKETS))
+
+    @property
+    def claims_served(self) -> int:
+        """Claims answered with a code by the shards, every incarnation counted."""
+        return sum(s.served for s in self._shards)
+
+    @property
+    def shards_alive(self) -> int:
+        """Shard processes alive now."""
+        return sum(1 for s in self._shards if s.alive)
+
+    @property
+    def restarts(self) -> int:
+        """Shard processes restarted since the Allocator started."""
+        return sum(s.restarts for s in self._shards)
+
+    @property
+    def postgres_version(self) -> str | None:
+        """PostgreSQL's ``server_version``, once the Allocator has started."""
+        return self.database.version if self.database else None
+
+    async def ready(self, timeout: float = 1.0) -> tuple[bool, dict[str, Any]]:
+        """Ready to serve claims: PostgreSQL answers within ``timeout`` and every shard
+        process is alive and answers its link within ``timeout``.
+
+        Returns ``(ready, reasons)``; ``reasons`` names each check and what it found,
+        for a readiness probe's body.
+        """
+        if not self._open or self.database is None:
+            return False, {"allocator": "not running"}
+        reasons: dict[str, Any] = {}
+        db_error, per_shard = await asyncio.gather(self.database.check(),
+                                                   self._poll_shards(timeout))
+        reasons["postgres"] = "ok" if db_error is None else db_error
+        down = [s["shard"] for s in per_shard if not s.get("alive") or "error" in s]
+        reasons["shards"] = (f"{len(per_shard)} of {len(per_shard)} alive" if not down else
+                             f"not serving: {', '.join(map(str, down))}")
+        return db_error is None and not down, reasons
 
     def kill_shard(self, index: int) -> None:
         """SIGKILL shard ``index`` (chaos runs and tests); it is restarted at once."""
@@ -323,6 +395,10 @@ class SyncAllocator:
     def stats(self) -> dict[str, Any]:
         """As :meth:`Allocator.stats`, blocking."""
         return self._call(self._allocator.stats())
+
+    def ready(self, timeout: float = 1.0) -> tuple[bool, dict[str, Any]]:
+        """As :meth:`Allocator.ready`, blocking."""
+        return self._call(self._allocator.ready(timeout))
 
     def close(self) -> None:
         """Stop the shards and the loop thread."""

@@ -19,6 +19,7 @@ from ango.errors import (
     DatabaseMissing,
     DatabaseRefused,
 )
+from ango.logs import FORMATS, LEVELS
 
 #: Exit statuses a script can tell apart (README "Exit status"); click itself exits 2
 #: for a usage error, and `ango audit` 1 when an invariant is broken.
@@ -182,38 +183,52 @@ def expire(batch_id: str, dsn: str | None, data_dir: str | None) -> None:
 @click.option("--db-wait", default=25.0, show_default=True, type=click.FloatRange(0),
               help="Seconds to wait for PostgreSQL at start-up, trying every SECONDS/5 "
                    "(at most 5 s; 0: try once).")
+@click.option("--log-level", envvar="ANGO_LOG_LEVEL", default="info", show_default=True,
+              type=click.Choice(LEVELS), help="Least severe log records written (stderr).")
+@click.option("--log-format", envvar="ANGO_LOG_FORMAT", default="text", show_default=True,
+              type=click.Choice(FORMATS), help="text, or json: one JSON object per line.")
 def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: int | None,
-          token: str | None, noop: bool, db_wait: float) -> None:
+          token: str | None, noop: bool, db_wait: float, log_level: str, log_format: str) -> None:
     """Serve claims over TCP (docs/PROTOCOL.md) until SIGTERM or SIGINT."""
     import logging
 
+    from ango.logs import configure
+    from ango.server import log_startup
     from ango.server import serve as run_server
     from ango.tokens import ensure_token
 
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("ango").setLevel(logging.INFO)
+    configure(log_level, log_format)
     if token:
         token_source = "token from --token/ANGO_TOKEN"
     else:
         token, path = ensure_token(data_dir)
         token_source = f"token in {path}"
 
-    def ready(server, bound_host: str, bound_port: int) -> None:
-        mode = "noop" if server.noop else f"{server.allocator.shard_count} shards"
-        logging.getLogger("ango.server").info(
-            "ango serving on %s:%d (protocol %d, %s, %s)", bound_host, bound_port,
-            server.stats()["protocol_version"], mode, token_source)
-
     if not noop:
         dsn = database.wait_until_ready(dsn, data_dir, seconds=db_wait,
                                         report=logging.getLogger("ango.database").warning)
     try:
         run_server(dsn=dsn, data_dir=data_dir, token=token, host=host, port=port, shards=shards,
-                   noop=noop, on_ready=ready)
+                   noop=noop, on_ready=lambda *where: log_startup(*where, note=token_source))
     except OSError as exc:
         reason = exc.strerror or exc
         raise click.ClickException(f"cannot serve on {host}:{port}: {reason}") from None
+
+
+def _server_options(command):
+    """--host, --port, --token, --timeout, --data-dir: how to reach a running `ango serve`."""
+    for option in reversed((
+        click.option("--host", default="127.0.0.1", show_default=True, help="Server address."),
+        click.option("--port", default=7878, show_default=True, type=click.IntRange(1, 65535),
+                     help="Server port."),
+        click.option("--token", envvar="ANGO_TOKEN", default=None,
+                     help="Server token (else ANGO_TOKEN, else <data dir>/token)."),
+        click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1),
+                     help="Seconds to keep trying, retries included."),
+        _data_dir_option,
+    )):
+        command = option(command)
+    return command
 
 
 @main.command()
@@ -223,14 +238,7 @@ def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: i
               help="Client id (UUID) the batch must belong to.")
 @click.option("--request-id", default=None,
               help="Idempotency key: the same id always returns the same code.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Server address.")
-@click.option("--port", default=7878, show_default=True, type=click.IntRange(1, 65535),
-              help="Server port.")
-@click.option("--token", envvar="ANGO_TOKEN", default=None,
-              help="Server token (else ANGO_TOKEN, else <data dir>/token).")
-@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1),
-              help="Seconds to keep trying, retries included.")
-@_data_dir_option
+@_server_options
 def claim(batch_id: str, customer_id: str, client_id: str | None, request_id: str | None,
           host: str, port: int, token: str | None, timeout: float, data_dir: str | None) -> None:
     """Claim a code of BATCH_ID for CUSTOMER_ID from a running `ango serve`; print it."""
@@ -323,3 +331,24 @@ def audit(stale_seconds: float, as_json: bool, dsn: str | None, data_dir: str | 
             click.echo(f"{'FAIL' if rows else 'ok':4}  {name}" + (f": {rows[:3]}" if rows else ""))
     if broken:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the server's answer as JSON.")
+@_server_options
+def stats(as_json: bool, host: str, port: int, token: str | None, timeout: float,
+          data_dir: str | None) -> None:
+    """Counters and health of a running `ango serve`: claims, shards, leases, database."""
+    from ango.client import Client
+    from ango.stats_table import stats_lines
+
+    try:
+        with Client(host, port, token, timeout, data_dir=data_dir) as client:
+            found = client.stats()
+    except AngoError as exc:
+        raise Failure(exc, prefix=f"{exc.code}: ") from None
+    if as_json:
+        click.echo(json.dumps(found, indent=2, sort_keys=True))
+    else:
+        for line in stats_lines(found):
+            click.echo(line)

@@ -114,8 +114,16 @@ class EmbeddedPostgres:
 
     def restart(self, mode: str) -> None:
         """Stop with ``mode`` (fast or immediate), wait a moment, start again."""
-        self._pg_ctl("-m", mode, "-w", "stop")
+        self.stop(mode)
         time.sleep(0.5)
+        self.start()
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``fast`` or ``immediate``) and wait until it is down."""
+        self._pg_ctl("-m", mode, "-w", "stop")
+
+    def start(self) -> None:
+        """Start it again where it was."""
         # A fresh process starts it exactly as the embedded package does (same socket).
         code = ("import sys, warnings; warnings.simplefilter('ignore'); from pathlib import Path;"
                 " from ango.config import embedded_dsn; print(embedded_dsn(Path(sys.argv[1])))")

@@ -58,9 +58,15 @@ class Result(msgspec.Struct, array_like=True):
 
 
 class Results(msgspec.Struct, tag="results", array_like=True):
-    """Outcomes, sent as soon as a group commit has committed."""
+    """Outcomes, sent as soon as a group commit has committed.
+
+    ``groups`` carries ``(claims, seconds)`` of each group commit finished
+    since the last frame: the parent tallies them, so the counts outlive the
+    shard process (a kill -9 loses none that were reported with their answers).
+    """
 
     results: list[Result]
+    groups: list[tuple[int, float]] = []
 
 
 class Ready(msgspec.Struct, tag="ready", array_like=True):

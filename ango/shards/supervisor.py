@@ -29,6 +29,7 @@ import msgspec
 
 from ango.errors import Unavailable, error_from_code
 from ango.shards import messages as m
+from ango.tally import GROUP_SIZE_BUCKETS, SECONDS_BUCKETS, Tally
 
 log = logging.getLogger("ango.supervisor")
 
@@ -107,6 +108,12 @@ class ShardHandle:
         self.last_pong = 0.0
         self.pings = 0
         self.hangs = 0
+        # Counted here, from the frames received, so they survive the process:
+        # a restarted shard starts its own counters from zero.
+        self.served = 0
+        self.refused = 0
+        self.group_sizes = Tally(GROUP_SIZE_BUCKETS)
+        self.group_seconds = Tally(SECONDS_BUCKETS)
 
     async def start(self) -> None:
         """Start the process and wait until it has recovered its leases."""
@@ -146,14 +153,21 @@ class ShardHandle:
     def _receive(self, message: m.FromShard) -> None:
         if isinstance(message, m.Results):
             in_flight = self.in_flight
+            served = 0
             for r in message.results:
                 entry = in_flight.pop(r.tag, None)
                 if entry is None or entry[0].done():
                     continue
                 if r.error is None:
+                    served += 1
                     entry[0].set_result(r.code)
                 else:
+                    self.refused += 1
                     entry[0].set_exception(error_from_code(r.error, r.message or r.error))
+            self.served += served
+            for size, seconds in message.groups:
+                self.group_sizes.observe(size)
+                self.group_seconds.observe(seconds)
         elif isinstance(message, m.Ready):
             if self.ready is not None and not self.ready.done():
                 self.ready.set_result(message)
@@ -180,10 +194,16 @@ class ShardHandle:
                 return
             self.restarts += 1
             log.warning("shard %s (pid %s) exited with %s; restarting", self.index,
-                        process.pid, code)
+                        process.pid, code,
+                        extra={"event": "shard_died", "shard": self.index, "exit": code})
+            died = asyncio.get_running_loop().time()
             while not self.closing:
                 try:
                     await self.start()
+                    log.info("shard %s back (pid %s) after %.1f s; %d claims sent again",
+                             self.index, self.process.pid,
+                             asyncio.get_running_loop().time() - died, len(self.in_flight),
+                             extra={"event": "shard_restarted", "shard": self.index})
                     break
                 except Exception as exc:  # keep trying: claims wait with their futures
                     log.error("shard %s restart failed: %s", self.index, exc)

@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 import uuid
 from collections import Counter, deque
@@ -34,6 +33,7 @@ from ango.errors import (
     RuleViolation,
     Unavailable,
 )
+from ango.logs import configure_from_env
 from ango.rules import parse_rules
 from ango.shards import messages as m
 from ango.shards.counters import FULL, WAIT, CustomerCounters
@@ -112,6 +112,7 @@ class Shard:
         self.spent_leases: list[int] = []  # used up; deleted with the next group
         self.served = 0
         self.groups = 0
+        self.group_reports: list[tuple[int, float]] = []  # (claims, seconds), sent with results
         self.parked: list[Pending] = []  # waiting for a group in flight to finish
         self.codes_in_flight: Counter[int] = Counter()  # per batch, in group commits
         self.conn: psycopg.AsyncConnection | None = None  # checks, leases, loads
@@ -196,9 +197,10 @@ class Shard:
             self.wake.set()
 
     def flush(self) -> None:
-        if self.results:
-            self.send(m.Results(self.results))
+        if self.results or self.group_reports:
+            self.send(m.Results(self.results, self.group_reports))
             self.results = []
+            self.group_reports = []
 
     def stats(self) -> dict:
         return {
@@ -235,7 +237,7 @@ class Shard:
             try:
                 issuing, verify = await self.prepare(group)
             except psycopg.OperationalError as exc:
-                log.warning("shard %s: database error, retrying: %s", self.index, exc)
+                log.info("shard %s: database error, retrying: %s", self.index, exc)
                 self.requeue(group)
                 self.conn = await self.reconnect(self.conn)
                 continue
@@ -263,10 +265,13 @@ class Shard:
                      verify: list[tuple[Pending, AngoError]],
                      conn: psycopg.AsyncConnection) -> None:
         """Commit a prepared group on its own connection, answer, and wake the loop."""
+        started = time.monotonic()
         try:
             await self.commit(issuing, verify, conn)
+            if issuing:
+                self.group_reports.append((len(issuing), time.monotonic() - started))
         except psycopg.OperationalError as exc:
-            log.warning("shard %s: database error, retrying: %s", self.index, exc)
+            log.info("shard %s: database error, retrying: %s", self.index, exc)
             for p in issuing:
                 self.codes_in_flight[p.meta.key] -= 1
             self.requeue(group)
@@ -314,6 +319,8 @@ class Shard:
                 self.pending.appendleft(p)
         self.flush()
 
+    # Database errors are info here: the server's DatabaseWatch (ango/health.py)
+    # writes the one warning an outage deserves, not one per shard and group.
     async def reconnect(self, conn: psycopg.AsyncConnection | None) -> psycopg.AsyncConnection:
         """A fresh connection, retried until the database answers."""
         if conn is not None and not conn.closed:
@@ -696,8 +703,7 @@ def main() -> None:
     parser.add_argument("--instance", required=True)
     parser.add_argument("--parts", default="")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_from_env()  # as `ango serve --log-level/--log-format` set it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the Allocator decides when we stop
     try:
         import uvloop

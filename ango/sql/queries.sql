@@ -381,3 +381,18 @@ WHERE i.code IS NULL LIMIT 10;
 SELECT b.id, count(*) FROM ango.issues i JOIN ango.batches b ON b.key = i.batch_key
 WHERE b.expired AND i.issued_at > b.expired_at
 GROUP BY b.id LIMIT 10;
+
+-- name: ping
+-- Readiness and outage detection: does the database answer at all.
+SELECT 1;
+
+-- name: server_version
+-- PostgreSQL's version, for the start-up log line.
+SELECT current_setting('server_version');
+
+-- name: available_per_batch
+-- Codes left in each unexpired batch (the ango_codes_available gauge).
+SELECT b.id, b.name, b.total - (SELECT count(*) FROM ango.issues i WHERE i.batch_key = b.key)
+FROM ango.batches b
+WHERE NOT b.expired
+ORDER BY b.key;
