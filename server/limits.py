@@ -27,7 +27,14 @@ class Limits:
     #: Seconds an authenticated connection may stay silent with nothing in flight.
     idle_timeout: float = 300.0
     #: Seconds a new connection has to send a good ``hello``.
-    handshake_timeout: float = 10.0
+    handshake_timeout: float = 5.0
+    #: Connections that have not authenticated yet, server-wide. One more evicts
+    #: the oldest of them (``unavailable``), so silent connections cannot hold
+    #: the door shut: a client that sends its ``hello`` promptly always gets in.
+    max_unauthenticated: int = 128
+    #: Connections of one address that have not authenticated yet; one more is
+    #: refused ``unavailable``.
+    max_unauthenticated_per_address: int = 16
     #: Unsent response bytes of one connection at which the server stops reading it.
     write_high_water: int = 1024 * 1024
     #: Unsent response bytes at which it reads again.

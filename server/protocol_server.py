@@ -137,10 +137,14 @@ class Connection(asyncio.Protocol):
             self.abort(Unavailable.code, "too many connections", retryable=True)
         elif server.auth_blocked(self.peer):
             self.abort(AuthenticationFailed.code, "too many wrong tokens from this address")
+        elif not server.admit_unauthenticated(self):
+            self.abort(Unavailable.code, "too many connections from this address waiting for hello",
+                       retryable=True)
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
         self.closing = True
         self.server.connections.discard(self)
+        self.server.authenticated_or_gone(self)
         self._out = bytearray()
         self._buf = bytearray()
 
@@ -247,7 +251,7 @@ class Connection(asyncio.Protocol):
     def _hello(self, msg: Hello) -> None:
         server = self.server
         if self.authenticated:
-            self.send(Error(msg.id, ProtocolError.code, "already authenticated", False))
+            self.abort(ProtocolError.code, "hello sent twice on one connection")
             return
         if msg.version != PROTOCOL_VERSION:
             self.abort(ProtocolError.code,
@@ -257,8 +261,9 @@ class Connection(asyncio.Protocol):
         if server.auth_blocked(self.peer):
             self.abort(AuthenticationFailed.code, "too many wrong tokens from this address")
             return
-        if hmac.compare_digest(msg.token.encode(), server.token):
+        if msg.token and hmac.compare_digest(msg.token.encode(), server.token):
             self.authenticated = True
+            server.authenticated_or_gone(self)
             limits = server.limits
             self.send(Welcome(msg.id, PROTOCOL_VERSION, f"ango/{__version__}", limits.max_frame,
                               limits.max_in_flight, limits.idle_timeout))
@@ -266,8 +271,9 @@ class Connection(asyncio.Protocol):
         server.auth_failed(self.peer)
         # Answer late, and read nothing more meanwhile: guessing is slow.
         self._pause(_PAUSE_AUTH)
+        reason = "wrong token" if msg.token else "no token"
         server.loop.call_later(server.limits.auth_failure_delay, self.abort,
-                               AuthenticationFailed.code, "wrong token")
+                               AuthenticationFailed.code, reason)
 
     # --- operations --------------------------------------------------------------
 
@@ -441,6 +447,9 @@ class ProtocolServer:
         self._server: asyncio.Server | None = None
         self._dirty: list[Connection] = []
         self._auth_failures: dict[str, list[float]] = {}
+        # Connections without a good hello yet, oldest first, and how many per address.
+        self._unauthenticated: dict[Connection, None] = {}
+        self._unauthenticated_from: dict[str, int] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     @property
@@ -479,12 +488,49 @@ class ProtocolServer:
             "noop": self.noop,
             "connections": len(self.connections),
             "connections_accepted": self.connections_accepted,
+            "unauthenticated": len(self._unauthenticated),
             "requests": self.requests,
             "claims_served": self.claims_served,
             "in_flight": self.in_flight,
             "draining": self.draining,
             "uptime_s": round(time.time() - self.started, 3),
         }
+
+    # --- connections not yet authenticated ------------------------------------------
+
+    def admit_unauthenticated(self, conn: Connection) -> bool:
+        """Count a new connection against the budget of those without a good hello.
+
+        False when its address already has its share waiting. When the server-wide
+        budget is full, the oldest waiting connection is closed to make room: a
+        flood of silent connections then churns itself, and a client that sends
+        its ``hello`` promptly is served (until then it holds only a small slot).
+        """
+        limits = self.limits
+        address = conn.peer
+        waiting = self._unauthenticated_from.get(address, 0)
+        if waiting >= limits.max_unauthenticated_per_address:
+            return False
+        if len(self._unauthenticated) >= limits.max_unauthenticated:
+            oldest = next(iter(self._unauthenticated))
+            self.authenticated_or_gone(oldest)
+            oldest.abort(Unavailable.code, "too many connections waiting for hello",
+                         retryable=True)
+        self._unauthenticated[conn] = None
+        self._unauthenticated_from[address] = waiting + 1
+        return True
+
+    def authenticated_or_gone(self, conn: Connection) -> None:
+        """``conn`` no longer counts against the unauthenticated budget (idempotent)."""
+        if conn not in self._unauthenticated:
+            return
+        del self._unauthenticated[conn]
+        address = conn.peer
+        left = self._unauthenticated_from[address] - 1
+        if left:
+            self._unauthenticated_from[address] = left
+        else:
+            del self._unauthenticated_from[address]
 
     # --- failed tokens -------------------------------------------------------------
 
@@ -511,13 +557,16 @@ class ProtocolServer:
     def _sweep(self) -> None:
         now = self.loop.time()
         limits = self.limits
+        opened_before = now - limits.handshake_timeout
+        for conn in list(self._unauthenticated):  # oldest first
+            if conn.opened > opened_before:
+                break
+            if not conn._paused & _PAUSE_AUTH:  # a wrong token is closed by its own timer
+                conn.abort(AuthenticationFailed.code, "no hello in time")
         for conn in list(self.connections):
-            if conn.closing:
+            if conn.closing or not conn.authenticated:
                 continue
-            if not conn.authenticated:
-                if now - conn.opened > limits.handshake_timeout and not conn._paused & _PAUSE_AUTH:
-                    conn.abort(AuthenticationFailed.code, "no hello in time")
-            elif conn.in_flight == 0 and now - conn.last_active > limits.idle_timeout:
+            if conn.in_flight == 0 and now - conn.last_active > limits.idle_timeout:
                 conn.abort(Unavailable.code, "idle timeout", retryable=True)
         horizon = now - limits.auth_failure_window
         for address in [a for a, ts in self._auth_failures.items() if not ts or ts[-1] <= horizon]:

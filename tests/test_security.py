@@ -14,12 +14,12 @@ import time
 
 import psycopg
 import pytest
-from ango.server import Limits
+from ango.server import NOOP_CODE, Limits
 
 import ango
 from ango.audit import violations
 from ango.protocol import PROTOCOL_VERSION, Claim, Code, Error, Hello, Ping, Pong, encode_frame
-from tests.hostile import module_dsn  # noqa: F401 (a fixture)
+from tests.hostile import SilentFlood, module_dsn  # noqa: F401 (a fixture)
 from tests.servers import TOKEN, InProcessServer, connect, hello, new_batch, recv, send
 
 
@@ -84,7 +84,8 @@ def test_a_brute_force_of_wrong_tokens_lets_none_in_issues_nothing_and_stalls_no
         for sock in attackers:
             refusal = recv(sock)
             assert type(refusal) is Error and refusal.id is None
-            assert refusal.code == "unauthorized"
+            # Beyond its budget of connections waiting for hello, the address is refused at once.
+            assert refusal.code in ("unauthorized", "unavailable")
             refusals.append(refusal.message)
             with pytest.raises((ConnectionError, OSError)):
                 recv(sock)  # closed: nothing after the hello was read
@@ -140,6 +141,40 @@ def test_a_flood_of_connections_beyond_the_maximum_harms_no_connected_client(
         - issued_to(module_dsn, "flood-late") == codes
     with psycopg.connect(module_dsn) as conn:
         assert violations(conn) == []
+
+
+def served_meanwhile(port: int, clients: int = 20) -> None:
+    """New clients connect, authenticate and claim one after the other (each must succeed)."""
+    for i in range(clients):
+        with ango.Client(port=port, token=TOKEN, timeout=15) as client:
+            assert client.claim("5f0c6e2a-3b7d-4c1e-9a8f-2d4b6c8e0a1f", f"c{i}") == NOOP_CODE
+
+
+def test_a_flood_of_silent_connections_from_one_address_locks_no_new_client_out():
+    limits = Limits(max_connections=100, max_unauthenticated_per_address=8)
+    with InProcessServer(None, limits=limits) as srv:
+        veteran = ango.Client(port=srv.port, token=TOKEN, timeout=15)
+        with SilentFlood(srv.port, ["127.0.0.2"], 150) as flood:
+            while flood.opened < 150:
+                time.sleep(0.01)
+            served_meanwhile(srv.port)
+            assert veteran.claim("5f0c6e2a-3b7d-4c1e-9a8f-2d4b6c8e0a1f", "v") == NOOP_CODE
+            held = srv.call(lambda: srv.server.stats()["unauthenticated"])
+        veteran.close()
+    assert held <= limits.max_unauthenticated_per_address
+
+
+def test_a_flood_of_silent_connections_from_many_addresses_locks_no_new_client_out():
+    limits = Limits(max_connections=200, max_unauthenticated=32,
+                    max_unauthenticated_per_address=4)
+    sources = [f"127.0.0.{i}" for i in range(2, 42)]  # 40 addresses x 4 > 32
+    with InProcessServer(None, limits=limits) as srv:
+        with SilentFlood(srv.port, sources, 4) as flood:
+            while flood.opened < 160:
+                time.sleep(0.01)
+            served_meanwhile(srv.port)
+            held = srv.call(lambda: srv.server.stats()["unauthenticated"])
+    assert held <= limits.max_unauthenticated
 
 
 def test_a_client_that_never_reads_is_held_back_and_issues_only_what_it_asked(module_dsn):  # noqa: F811

@@ -34,6 +34,7 @@ from ango.protocol import (
     Welcome,
     encode_frame,
 )
+from tests.hostile import raw
 from tests.servers import (
     ANGO,
     TOKEN,
@@ -144,6 +145,43 @@ def test_another_protocol_version_is_refused(noop):
         send(sock, Hello(1, PROTOCOL_VERSION + 1, TOKEN))
         resp = recv(sock)
         assert resp.code == "protocol" and "version" in resp.message
+        assert closed_by_peer(sock)
+
+
+def test_a_hello_whose_optional_client_is_nil_is_welcomed(noop):
+    with connect(noop.port) as sock:
+        sock.sendall(raw({"type": "hello", "id": 1, "version": PROTOCOL_VERSION, "token": TOKEN,
+                          "client": None}))
+        assert type(recv(sock)) is Welcome
+
+
+def test_a_hello_without_a_token_is_refused_unauthorized_after_the_delay():
+    with InProcessServer(None, limits=Limits(auth_failure_delay=1.0)) as srv, \
+            connect(srv.port) as sock:
+        sock.sendall(raw({"type": "hello", "id": 1, "version": PROTOCOL_VERSION}))
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):  # not at once: a missing token waits like a wrong one
+            sock.recv(1, socket.MSG_PEEK)
+        sock.settimeout(10)
+        resp = recv(sock)
+        assert resp.id is None and resp.code == "unauthorized" and "no token" in resp.message
+        assert closed_by_peer(sock)
+
+
+def test_a_second_hello_is_a_protocol_error_and_closes_the_connection(noop):
+    with connect(noop.port) as sock:
+        assert type(hello(sock)) is Welcome
+        send(sock, Hello(5, PROTOCOL_VERSION, TOKEN), Ping(6))
+        resp = recv(sock)
+        assert resp.id is None and resp.code == "protocol" and "hello" in resp.message
+        assert closed_by_peer(sock)  # the ping after it is never answered
+
+
+def test_a_hello_with_a_field_of_the_wrong_type_is_a_protocol_error(noop):
+    with connect(noop.port) as sock:
+        sock.sendall(raw({"type": "hello", "id": 1, "version": PROTOCOL_VERSION, "token": 42}))
+        resp = recv(sock)
+        assert resp.id is None and resp.code == "protocol"
         assert closed_by_peer(sock)
 
 
