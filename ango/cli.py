@@ -130,6 +130,73 @@ def expire(batch_id: str, dsn: str | None, data_dir: str | None) -> None:
     click.echo(f"expired {batch_id}" if changed else f"{batch_id} was already expired")
 
 
+@main.group()
+def token() -> None:
+    """Client tokens: each reaches one client's batches only (the admin token reaches all)."""
+
+
+@token.command("create")
+@click.option("--client", "client_id", required=True, help="Client id (UUID) the token reaches.")
+@click.option("--name", default=None, help="A name to list and revoke it by (default: generated).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the token included).")
+@_dsn_option
+@_data_dir_option
+def token_create(client_id: str, name: str | None, as_json: bool, dsn: str | None,
+                 data_dir: str | None) -> None:
+    """Make a token for one client and print it: it is shown only this once."""
+    from ango.tokens import create_token
+
+    found = _ready(dsn, data_dir)
+    try:
+        with database.connect(found, autocommit=True) as conn:
+            secret, info = create_token(conn, client_id, name)
+    except AngoError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps({"token": secret, **info.to_dict()}))
+        return
+    click.echo(f"token {info.name} for client {info.client_id} (shown only now; stored hashed):",
+               err=True)
+    click.echo(secret)
+
+
+@token.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_dsn_option
+@_data_dir_option
+def token_list(as_json: bool, dsn: str | None, data_dir: str | None) -> None:
+    """List client tokens, live and revoked (never the tokens themselves)."""
+    from ango.tokens import list_tokens
+
+    found = _ready(dsn, data_dir)
+    with database.connect(found, autocommit=True) as conn:
+        rows = list_tokens(conn)
+    if as_json:
+        click.echo(json.dumps([t.to_dict() for t in rows]))
+        return
+    click.echo(f"{'name':24}  {'client':36}  {'created':32}  revoked")
+    for t in rows:
+        click.echo(f"{t.name:24}  {t.client_id:36}  {t.created_at:32}  {t.revoked_at or '-'}")
+
+
+@token.command("revoke")
+@click.argument("name")
+@_dsn_option
+@_data_dir_option
+def token_revoke(name: str, dsn: str | None, data_dir: str | None) -> None:
+    """Revoke token NAME: refused from now on, and open connections using it are
+    closed within seconds."""
+    from ango.tokens import revoke_token
+
+    found = _ready(dsn, data_dir)
+    try:
+        with database.connect(found, autocommit=True) as conn:
+            revoke_token(conn, name)
+    except AngoError as exc:
+        raise _fail(exc) from None
+    click.echo(f"revoked {name}")
+
+
 @main.command()
 @_dsn_option
 @_data_dir_option

@@ -11,7 +11,6 @@ written once per loop pass, so a burst of pipelined claims costs one
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import Awaitable
@@ -21,7 +20,15 @@ from typing import Any, Protocol
 import msgspec
 
 from ango import __version__
-from ango.errors import AngoError, AuthenticationFailed, InvalidInput, ProtocolError, Unavailable
+from ango.errors import (
+    AngoError,
+    AuthenticationFailed,
+    BatchNotFound,
+    InvalidInput,
+    ProtocolError,
+    Unavailable,
+)
+from ango.importer import parse_uuid
 from ango.protocol import (
     HEADER_SIZE,
     PROTOCOL_VERSION,
@@ -44,6 +51,7 @@ from ango.protocol import (
     salvage_id,
     unpack_header,
 )
+from ango.tokens import Authenticator, Scope
 
 from .limits import Limits
 
@@ -63,8 +71,8 @@ class AllocatorLike(Protocol):
 
     def claim(self, batch_id: str, customer_id: str, *, client_id: str | None = None,
               request_id: str | None = None) -> Awaitable[str]: ...
-    async def expire(self, batch_id: str) -> bool: ...
-    async def batches(self) -> list[dict[str, Any]]: ...
+    async def expire(self, batch_id: str, *, client_id: str | None = None) -> bool: ...
+    async def batches(self, *, client_id: str | None = None) -> list[dict[str, Any]]: ...
     async def stats(self) -> dict[str, Any]: ...
 
 
@@ -100,8 +108,9 @@ class Connection(asyncio.Protocol):
     """One client connection."""
 
     __slots__ = (
-        "server", "transport", "peer", "authenticated", "in_flight", "last_active", "opened",
-        "closing", "_buf", "_out", "_dirty", "_paused", "_reading_paused", "_max_in_flight", "_eof",
+        "server", "transport", "peer", "authenticated", "scope", "in_flight", "last_active",
+        "opened", "closing", "_buf", "_out", "_dirty", "_paused", "_reading_paused",
+        "_max_in_flight", "_eof",
     )
 
     def __init__(self, server: ProtocolServer) -> None:
@@ -109,6 +118,8 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.authenticated = False
+        #: What the token of this connection reaches (None until authenticated).
+        self.scope: Scope | None = None
         self.in_flight = 0
         self.opened = self.last_active = server.loop.time()
         self.closing = False
@@ -231,7 +242,9 @@ class Connection(asyncio.Protocol):
         if kind is Ping:
             self.send(Pong(msg.id))
         elif kind is GetStats:
-            if alloc is None:
+            if not self.scope.admin:
+                self.send(Stats(msg.id, server.health()))
+            elif alloc is None:
                 self.send(Stats(msg.id, server.stats()))
             else:
                 self._call(msg.id, alloc.stats(), self._stats_reply)
@@ -239,14 +252,16 @@ class Connection(asyncio.Protocol):
             if alloc is None:
                 self.send(BatchList(msg.id, []))
             else:
-                self._call(msg.id, alloc.batches(), self._batches_reply)
+                self._call(msg.id, alloc.batches(client_id=self.scope.client_id),
+                           self._batches_reply)
         elif kind is Expire:
             if alloc is None:
                 self.send(Expired(msg.id, False))
             elif server.draining:
                 self.send(Error(msg.id, Unavailable.code, "the server is shutting down", True))
             else:
-                self._call(msg.id, alloc.expire(msg.batch_id), self._expired_reply)
+                self._call(msg.id, alloc.expire(msg.batch_id, client_id=self.scope.client_id),
+                           self._expired_reply)
 
     def _hello(self, msg: Hello) -> None:
         server = self.server
@@ -261,13 +276,37 @@ class Connection(asyncio.Protocol):
         if server.auth_blocked(self.peer):
             self.abort(AuthenticationFailed.code, "too many wrong tokens from this address")
             return
-        if msg.token and hmac.compare_digest(msg.token.encode(), server.token):
-            self.authenticated = True
-            server.authenticated_or_gone(self)
-            limits = server.limits
-            self.send(Welcome(msg.id, PROTOCOL_VERSION, f"ango/{__version__}", limits.max_frame,
-                              limits.max_in_flight, limits.idle_timeout))
+        scope = server.auth.lookup(msg.token)
+        if scope is not None:
+            self._welcome(msg.id, scope)
             return
+        # Not known now: maybe a client token made a moment ago. Read nothing
+        # more until the reload (rate-limited by the authenticator) says.
+        self._pause(_PAUSE_AUTH)
+        waiter = asyncio.ensure_future(server.auth.authenticate(msg.token))
+        waiter.add_done_callback(partial(self._authenticated, msg))
+
+    def _authenticated(self, msg: Hello, waiter: asyncio.Future[Scope | None]) -> None:
+        scope = None if waiter.cancelled() or waiter.exception() else waiter.result()
+        if self.closing:
+            return
+        if scope is not None:
+            self._welcome(msg.id, scope)
+            self._unpause(_PAUSE_AUTH)
+            return
+        self._refuse(msg)
+
+    def _welcome(self, request_id: int, scope: Scope) -> None:
+        server = self.server
+        self.authenticated = True
+        self.scope = scope
+        server.authenticated_or_gone(self)
+        limits = server.limits
+        self.send(Welcome(request_id, PROTOCOL_VERSION, f"ango/{__version__}", limits.max_frame,
+                          limits.max_in_flight, limits.idle_timeout))
+
+    def _refuse(self, msg: Hello) -> None:
+        server = self.server
         server.auth_failed(self.peer)
         # Answer late, and read nothing more meanwhile: guessing is slow.
         self._pause(_PAUSE_AUTH)
@@ -289,12 +328,32 @@ class Connection(asyncio.Protocol):
             return
         # The allocator answers with a future (batched to its shards per loop
         # pass); a coroutine would need a task, which costs more per claim.
+        client_id = msg.client_id
+        scoped = self.scope.client_id
+        if scoped is not None and client_id != scoped:
+            if client_id is not None:
+                self._claim_out_of_scope(msg)
+                return
+            client_id = scoped  # the shard refuses a batch of another client as not found
         waiter = alloc.claim(
-            msg.batch_id, msg.customer_id, client_id=msg.client_id, request_id=msg.request_id)
+            msg.batch_id, msg.customer_id, client_id=client_id, request_id=msg.request_id)
         if _iscoroutine(waiter):
             waiter = server.loop.create_task(waiter)
         self._started()
         waiter.add_done_callback(partial(self._claim_done, msg.id))
+
+    def _claim_out_of_scope(self, msg: Claim) -> None:
+        """A client token naming another client: answered as for a batch that does not exist."""
+        try:
+            if str(parse_uuid(msg.client_id, "client id")) == self.scope.client_id:
+                msg.client_id = None  # the same client, spelled otherwise
+                self._claim(msg)
+                return
+            batch_id = parse_uuid(msg.batch_id, "batch id")
+        except AngoError as exc:
+            self.send(error_frame(msg.id, exc))
+            return
+        self.send(error_frame(msg.id, BatchNotFound(f"no batch {batch_id} for this client")))
 
     def _claim_done(self, request_id: int, task: asyncio.Task) -> None:
         self._finished()
@@ -429,11 +488,13 @@ class ProtocolServer:
     """
 
     def __init__(self, allocator: AllocatorLike | None, *, token: str,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, authenticator: Authenticator | None = None) -> None:
         if not token:
             raise ValueError("a token is required")
         self.allocator = allocator
-        self.token = token.encode()
+        # Client tokens live in the allocator's database; without one, only the admin token.
+        self._own_auth = authenticator is None
+        self.auth = authenticator or Authenticator(token, getattr(allocator, "dsn", None))
         self.limits = limits or Limits()
         self.loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
@@ -459,6 +520,8 @@ class ProtocolServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 7878) -> tuple[str, int]:
         """Start listening; return the address bound (``port=0`` picks a free port)."""
+        if self._own_auth:
+            await self.auth.start()
         self._server = await self.loop.create_server(
             lambda: Connection(self), host, port, backlog=1024, reuse_address=True)
         self._schedule_sweep()
@@ -480,6 +543,16 @@ class ProtocolServer:
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             conn.flush()
+
+    def health(self) -> dict[str, Any]:
+        """What ``stats`` tells a client token: whether the server is up, no counters
+        (they would tell one client of the others' traffic)."""
+        return {
+            "protocol_version": PROTOCOL_VERSION,
+            "noop": self.noop,
+            "draining": self.draining,
+            "uptime_s": round(time.time() - self.started, 3),
+        }
 
     def stats(self) -> dict[str, Any]:
         """The server's own counters."""
@@ -563,10 +636,13 @@ class ProtocolServer:
                 break
             if not conn._paused & _PAUSE_AUTH:  # a wrong token is closed by its own timer
                 conn.abort(AuthenticationFailed.code, "no hello in time")
+        is_live = self.auth.is_live
         for conn in list(self.connections):
             if conn.closing or not conn.authenticated:
                 continue
-            if conn.in_flight == 0 and now - conn.last_active > limits.idle_timeout:
+            if not is_live(conn.scope):
+                conn.abort(AuthenticationFailed.code, "the token was revoked")
+            elif conn.in_flight == 0 and now - conn.last_active > limits.idle_timeout:
                 conn.abort(Unavailable.code, "idle timeout", retryable=True)
         horizon = now - limits.auth_failure_window
         for address in [a for a, ts in self._auth_failures.items() if not ts or ts[-1] <= horizon]:
@@ -603,5 +679,7 @@ class ProtocolServer:
             conn.transport.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._own_auth:
+            await self.auth.close()
         if self._server is not None:
             await self._server.wait_closed()
