@@ -211,8 +211,17 @@ def token_revoke(name: str, dsn: str | None, data_dir: str | None) -> None:
 @click.option("--noop", is_flag=True,
               help="Answer every claim with a constant code, without shards or database "
                    "(measures the transport).")
+@click.option("--tls-cert", envvar="ANGO_TLS_CERT", default=None,
+              type=click.Path(exists=True, dir_okay=False),
+              help="PEM certificate (chain): the port speaks TLS (else ANGO_TLS_CERT).")
+@click.option("--tls-key", envvar="ANGO_TLS_KEY", default=None,
+              type=click.Path(exists=True, dir_okay=False),
+              help="PEM private key of --tls-cert (else ANGO_TLS_KEY; default: in the cert file).")
+@click.option("--tls-required/--tls-optional", default=True, show_default=True,
+              help="With a certificate: refuse plain-text clients, or accept both.")
 def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: int | None,
-          token: str | None, noop: bool) -> None:
+          token: str | None, noop: bool, tls_cert: str | None, tls_key: str | None,
+          tls_required: bool) -> None:
     """Serve claims over TCP (docs/PROTOCOL.md) until SIGTERM or SIGINT."""
     import logging
 
@@ -228,15 +237,20 @@ def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: i
         token, path = ensure_token(data_dir)
         token_source = f"token in {path}"
 
+    if tls_key and not tls_cert:
+        raise click.UsageError("--tls-key needs --tls-cert")
+    tls_mode = ("TLS only" if tls_required else "TLS or plain text") if tls_cert else "plain text"
+
     def ready(server, bound_host: str, bound_port: int) -> None:
         mode = "noop" if server.noop else f"{server.allocator.shard_count} shards"
         logging.getLogger("ango.server").info(
-            "ango serving on %s:%d (protocol %d, %s, %s)", bound_host, bound_port,
-            server.stats()["protocol_version"], mode, token_source)
+            "ango serving on %s:%d (protocol %d, %s, %s, %s)", bound_host, bound_port,
+            server.stats()["protocol_version"], mode, tls_mode, token_source)
 
     try:
         run_server(dsn=dsn, data_dir=data_dir, token=token, host=host, port=port, shards=shards,
-                   noop=noop, on_ready=ready)
+                   noop=noop, on_ready=ready, tls_cert=tls_cert, tls_key=tls_key,
+                   tls_required=tls_required)
     except AngoError as exc:
         raise _fail(exc) from None
     except OSError as exc:
@@ -258,14 +272,21 @@ def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: i
               help="Server token (else ANGO_TOKEN, else <data dir>/token).")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds to keep trying, retries included.")
+@click.option("--tls", is_flag=True, help="Speak TLS, verifying the server (system CAs).")
+@click.option("--tls-ca", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Speak TLS, trusting the CA certificates in this PEM file.")
 @_data_dir_option
 def claim(batch_id: str, customer_id: str, client_id: str | None, request_id: str | None,
-          host: str, port: int, token: str | None, timeout: float, data_dir: str | None) -> None:
+          host: str, port: int, token: str | None, timeout: float, tls: bool,
+          tls_ca: str | None, data_dir: str | None) -> None:
     """Claim a code of BATCH_ID for CUSTOMER_ID from a running `ango serve`; print it."""
+    import ssl
+
     from ango.client import Client
 
+    context = ssl.create_default_context(cafile=tls_ca) if tls_ca else tls
     try:
-        with Client(host, port, token, timeout, data_dir=data_dir) as client:
+        with Client(host, port, token, timeout, data_dir=data_dir, tls=context) as client:
             code = client.claim(batch_id, customer_id, client_id=client_id, request_id=request_id)
     except AngoError as exc:
         raise click.ClickException(f"{exc.code}: {exc}") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable
 from functools import partial
@@ -54,6 +55,7 @@ from ango.protocol import (
 from ango.tokens import Authenticator, Scope
 
 from .limits import Limits
+from .tls import TLS_HANDSHAKE, ServerTLS
 
 log = logging.getLogger("ango.server")
 _iscoroutine = asyncio.iscoroutine
@@ -110,7 +112,7 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "server", "transport", "peer", "authenticated", "scope", "in_flight", "last_active",
         "opened", "closing", "_buf", "_out", "_dirty", "_paused", "_reading_paused",
-        "_max_in_flight", "_eof",
+        "_max_in_flight", "_eof", "_tls", "_sniffing",
     )
 
     def __init__(self, server: ProtocolServer) -> None:
@@ -130,6 +132,9 @@ class Connection(asyncio.Protocol):
         self._paused = 0
         self._reading_paused = False
         self._max_in_flight = server.limits.max_in_flight
+        self._tls: ServerTLS | None = None
+        # The first bytes tell TLS from plain text (only when the server has a certificate).
+        self._sniffing = server.tls is not None
 
     # --- asyncio.Protocol ------------------------------------------------------
 
@@ -163,6 +168,10 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         self.last_active = self.server.loop.time()
+        if self._tls is not None or self._sniffing:
+            data = self._decrypt(data)
+            if not data:
+                return
         if self._buf:
             self._buf += data
             self._process_buffer()
@@ -170,6 +179,35 @@ class Connection(asyncio.Protocol):
             used = self._process(data)
             if used < len(data) and not self.closing:
                 self._buf = bytearray(memoryview(data)[used:])
+
+    def _decrypt(self, data: bytes) -> bytes:
+        """The plain text in ``data``: TLS undone, or ``data`` itself on a plain connection."""
+        server = self.server
+        if self._sniffing:
+            self._sniffing = False
+            if data[0] == TLS_HANDSHAKE:
+                self._tls = ServerTLS(server.tls)
+            elif server.tls_required:
+                self.abort(ProtocolError.code, "this server requires TLS: connect with TLS "
+                           "(the Python clients: tls=True)")
+                return b""
+            else:
+                return data
+        tls = self._tls
+        try:
+            plain = tls.receive(data)
+        except ssl.SSLError as exc:
+            log.info("TLS with %s failed: %s", self.peer, exc.reason or exc)
+            self.closing = True
+            self.transport.write(tls.pending())  # the alert saying why, if any
+            self.transport.close()
+            return b""
+        handshake = tls.pending()
+        if handshake:
+            self.transport.write(handshake)
+        if tls.closed:
+            self.eof_received()
+        return plain
 
     def eof_received(self) -> bool:  # noqa: D102
         # Half-close: answer everything received, then close.
@@ -439,7 +477,7 @@ class Connection(asyncio.Protocol):
             out = self._out
             # The transport may keep a view of the buffer: hand it over, start a new one.
             self._out = bytearray()
-            self.transport.write(out)
+            self.transport.write(out if self._tls is None else self._tls.wrap(out))
         if self._eof and not self.in_flight and not self._paused:  # a partial frame never completes
             self.closing = True
             self.transport.close()  # after what is buffered has been written
@@ -449,9 +487,13 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         log.debug("closing connection from %s: %s", self.peer, message)
-        append_frame(self._out, Error(None, code, message, retryable))
-        self.flush()
+        tls = self._tls
+        if tls is None or tls.ready:  # mid-handshake, there is no way to say why
+            append_frame(self._out, Error(None, code, message, retryable))
+            self.flush()
         self.closing = True
+        if tls is not None:
+            self.transport.write(tls.close_notify())
         self.transport.close()
 
     def _pause(self, reason: int) -> None:
@@ -488,7 +530,8 @@ class ProtocolServer:
     """
 
     def __init__(self, allocator: AllocatorLike | None, *, token: str,
-                 limits: Limits | None = None, authenticator: Authenticator | None = None) -> None:
+                 limits: Limits | None = None, authenticator: Authenticator | None = None,
+                 tls: ssl.SSLContext | None = None, tls_required: bool = True) -> None:
         if not token:
             raise ValueError("a token is required")
         self.allocator = allocator
@@ -496,6 +539,10 @@ class ProtocolServer:
         self._own_auth = authenticator is None
         self.auth = authenticator or Authenticator(token, getattr(allocator, "dsn", None))
         self.limits = limits or Limits()
+        #: Server-side TLS context (``tls.server_context``); None: plain text only.
+        self.tls = tls
+        #: With a context: refuse plain-text connections (else accept both).
+        self.tls_required = tls is not None and tls_required
         self.loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
         self.connections_accepted = 0
