@@ -13,9 +13,34 @@ from ango import batches as batches_lib
 from ango import database
 from ango.errors import AngoError
 
+
+def _secret_on_command_line(ctx: click.Context, param: click.Parameter,
+                            value: str | None) -> str | None:
+    """Warn when a secret is given on the command line, which every local user can read
+    (``/proc/<pid>/cmdline``, ``ps``)."""
+    from click.core import ParameterSource
+
+    if not value or ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+        return value
+    if param.name == "dsn":
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            if not conninfo_to_dict(value).get("password"):
+                return value
+        except Exception:  # noqa: BLE001 (a malformed DSN is reported where it is used)
+            return value
+    instead = ("ANGO_DSN or ANGO_DSN_FILE" if param.name == "dsn"
+               else "ANGO_TOKEN or ANGO_TOKEN_FILE")
+    click.echo(f"warning: --{param.name} on the command line can be read by every user of "
+               f"this machine; use {instead}", err=True)
+    return value
+
+
 _dsn_option = click.option(
-    "--dsn", envvar=None, default=None,
-    help="PostgreSQL DSN (else ANGO_DSN, DATABASE_URL, else the embedded server).",
+    "--dsn", envvar=None, default=None, callback=_secret_on_command_line,
+    help="PostgreSQL DSN (else ANGO_DSN, DATABASE_URL, the file ANGO_DSN_FILE, else the "
+         "embedded server). A password here warns: use the environment or a file.",
 )
 _data_dir_option = click.option(
     "--data-dir", default=None, type=click.Path(file_okay=False),
@@ -205,9 +230,13 @@ def token_revoke(name: str, dsn: str | None, data_dir: str | None) -> None:
               help="Port to listen on (0: any free port, logged when ready).")
 @click.option("--shards", default=None, type=click.IntRange(1, 256),
               help="Shard processes (default: one per CPU core).")
-@click.option("--token", envvar="ANGO_TOKEN", default=None,
-              help="Token clients must present (else ANGO_TOKEN, else <data dir>/token, "
-                   "generated with mode 0600 if missing).")
+@click.option("--token", envvar="ANGO_TOKEN", default=None, callback=_secret_on_command_line,
+              help="Admin token clients must present: better ANGO_TOKEN or --token-file (a "
+                   "command line is readable by every local user).")
+@click.option("--token-file", envvar="ANGO_TOKEN_FILE", default=None,
+              type=click.Path(dir_okay=False),
+              help="File holding the admin token, e.g. a Kubernetes Secret mount (else "
+                   "ANGO_TOKEN_FILE, else <data dir>/token, generated with mode 0600).")
 @click.option("--noop", is_flag=True,
               help="Answer every claim with a constant code, without shards or database "
                    "(measures the transport).")
@@ -220,22 +249,29 @@ def token_revoke(name: str, dsn: str | None, data_dir: str | None) -> None:
 @click.option("--tls-required/--tls-optional", default=True, show_default=True,
               help="With a certificate: refuse plain-text clients, or accept both.")
 def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: int | None,
-          token: str | None, noop: bool, tls_cert: str | None, tls_key: str | None,
-          tls_required: bool) -> None:
+          token: str | None, token_file: str | None, noop: bool, tls_cert: str | None,
+          tls_key: str | None, tls_required: bool) -> None:
     """Serve claims over TCP (docs/PROTOCOL.md) until SIGTERM or SIGINT."""
     import logging
 
     from ango.server import serve as run_server
-    from ango.tokens import ensure_token
+    from ango.tokens import ensure_token, read_token
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("ango").setLevel(logging.INFO)
-    if token:
-        token_source = "token from --token/ANGO_TOKEN"
-    else:
-        token, path = ensure_token(data_dir)
-        token_source = f"token in {path}"
+    try:
+        if token:
+            token_source = "token from --token/ANGO_TOKEN"
+        elif token_file:
+            token, token_source = read_token(token_file=token_file), f"token in {token_file}"
+            if not token:
+                raise click.ClickException(f"the token file {token_file} is empty")
+        else:
+            token, path = ensure_token(data_dir)
+            token_source = f"token in {path}"
+    except AngoError as exc:
+        raise _fail(exc) from None
 
     if tls_key and not tls_cert:
         raise click.UsageError("--tls-key needs --tls-cert")
@@ -268,8 +304,8 @@ def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: i
 @click.option("--host", default="127.0.0.1", show_default=True, help="Server address.")
 @click.option("--port", default=7878, show_default=True, type=click.IntRange(1, 65535),
               help="Server port.")
-@click.option("--token", envvar="ANGO_TOKEN", default=None,
-              help="Server token (else ANGO_TOKEN, else <data dir>/token).")
+@click.option("--token", envvar="ANGO_TOKEN", default=None, callback=_secret_on_command_line,
+              help="Server token: better ANGO_TOKEN or ANGO_TOKEN_FILE (else <data dir>/token).")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds to keep trying, retries included.")
 @click.option("--tls", is_flag=True, help="Speak TLS, verifying the server (system CAs).")

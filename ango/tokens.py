@@ -1,8 +1,12 @@
 """Tokens: the admin token of ``ango serve``, client-scoped tokens, and checking them.
 
-The admin token: ``--token`` > ``ANGO_TOKEN`` > the file ``<data dir>/token``
-(mode 0600), which ``ango serve`` creates with a random token when none is
-given, so that clients on the same machine find it. It reaches every batch.
+The admin token: ``ANGO_TOKEN`` > the file ``--token-file``/``ANGO_TOKEN_FILE``
+(e.g. a Kubernetes Secret mount) > the file ``<data dir>/token`` (mode 0600),
+which ``ango serve`` creates with a random token when none is given, so that
+clients on the same machine find it. It reaches every batch. ``--token`` works
+too but warns: other local users can read a command line. A token file other
+users can read, or anyone but its owner and group can write, is made private
+(with a warning) or refused.
 
 Client tokens (``ango token create --client ID``) reach one client's batches;
 they are stored hashed in PostgreSQL. :class:`Authenticator` checks both kinds
@@ -25,7 +29,7 @@ from typing import Any
 
 import psycopg
 
-from ango.config import data_dir
+from ango.config import data_dir, read_secret
 from ango.errors import InvalidInput
 from ango.importer import parse_uuid
 from ango.sql import queries
@@ -40,23 +44,25 @@ def token_path(data_dir_path: str | os.PathLike[str] | None = None) -> Path:
     return data_dir(data_dir_path) / TOKEN_FILE
 
 
-def read_token(data_dir_path: str | os.PathLike[str] | None = None) -> str | None:
-    """``ANGO_TOKEN``, else the token file's content, else None."""
+def read_token(data_dir_path: str | os.PathLike[str] | None = None,
+               token_file: str | os.PathLike[str] | None = None) -> str | None:
+    """``ANGO_TOKEN``, else ``token_file`` or ``ANGO_TOKEN_FILE`` (which must exist),
+    else ``<data dir>/token`` if there is one, else None."""
     if os.environ.get("ANGO_TOKEN"):
         return os.environ["ANGO_TOKEN"]
-    try:
-        return token_path(data_dir_path).read_text().strip() or None
-    except OSError:
+    explicit = token_file or os.environ.get("ANGO_TOKEN_FILE")
+    if explicit:
+        return read_secret(explicit, "token file") or None
+    path = token_path(data_dir_path)
+    if not path.exists():
         return None
+    return read_secret(path, "token file") or None
 
 
 def ensure_token(data_dir_path: str | os.PathLike[str] | None = None) -> tuple[str, Path]:
     """The token in the token file, generated (mode 0600) if there is none; and its path."""
     path = token_path(data_dir_path)
-    try:
-        existing = path.read_text().strip()
-    except FileNotFoundError:
-        existing = ""
+    existing = read_secret(path, "token file") if path.exists() else ""
     if existing:
         return existing, path
     token = secrets.token_urlsafe(32)
