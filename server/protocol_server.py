@@ -151,8 +151,6 @@ class Connection(asyncio.Protocol):
             self.abort(Unavailable.code, "the server is shutting down", retryable=True)
         elif len(server.connections) > limits.max_connections:
             self.abort(Unavailable.code, "too many connections", retryable=True)
-        elif server.auth_blocked(self.peer):
-            self.abort(AuthenticationFailed.code, "too many wrong tokens from this address")
         elif not server.admit_unauthenticated(self):
             self.abort(Unavailable.code, "too many connections from this address waiting for hello",
                        retryable=True)
@@ -311,9 +309,7 @@ class Connection(asyncio.Protocol):
                        f"unsupported protocol version {msg.version}; "
                        f"this server speaks {PROTOCOL_VERSION}")
             return
-        if server.auth_blocked(self.peer):
-            self.abort(AuthenticationFailed.code, "too many wrong tokens from this address")
-            return
+        # A correct token is welcomed at once, whatever its address sent before.
         scope = server.auth.lookup(msg.token)
         if scope is not None:
             self._welcome(msg.id, scope)
@@ -345,12 +341,12 @@ class Connection(asyncio.Protocol):
 
     def _refuse(self, msg: Hello) -> None:
         server = self.server
-        server.auth_failed(self.peer)
-        # Answer late, and read nothing more meanwhile: guessing is slow.
+        delay = server.auth_failed(self.peer)
+        # Answer late, and read nothing more meanwhile: the connection keeps its
+        # slot in its address's budget, so guessing is slow.
         self._pause(_PAUSE_AUTH)
         reason = "wrong token" if msg.token else "no token"
-        server.loop.call_later(server.limits.auth_failure_delay, self.abort,
-                               AuthenticationFailed.code, reason)
+        server.loop.call_later(delay, self.abort, AuthenticationFailed.code, reason)
 
     # --- operations --------------------------------------------------------------
 
@@ -554,7 +550,8 @@ class ProtocolServer:
         self.started = time.time()
         self._server: asyncio.Server | None = None
         self._dirty: list[Connection] = []
-        self._auth_failures: dict[str, list[float]] = {}
+        # Per address: (wrong tokens in a row, the time of the last), oldest first.
+        self._auth_failures: dict[str, tuple[int, float]] = {}
         # Connections without a good hello yet, oldest first, and how many per address.
         self._unauthenticated: dict[Connection, None] = {}
         self._unauthenticated_from: dict[str, int] = {}
@@ -654,18 +651,27 @@ class ProtocolServer:
 
     # --- failed tokens -------------------------------------------------------------
 
-    def auth_failed(self, address: str) -> None:
-        """Count a wrong token from ``address``."""
-        self._auth_failures.setdefault(address, []).append(self.loop.time())
+    def auth_failed(self, address: str) -> float:
+        """Count a wrong token from ``address``; return how long to wait before answering.
 
-    def auth_blocked(self, address: str) -> bool:
-        """True when ``address`` sent too many wrong tokens lately."""
-        failures = self._auth_failures.get(address)
-        if not failures:
-            return False
-        horizon = self.loop.time() - self.limits.auth_failure_window
-        failures[:] = [t for t in failures if t > horizon]
-        return len(failures) >= self.limits.max_auth_failures
+        The wait grows with the wrong tokens the address sent lately; the count
+        is forgotten ``auth_failure_window`` seconds after the last one.
+        """
+        limits = self.limits
+        now = self.loop.time()
+        count, last = self._auth_failures.pop(address, (0, now))
+        if now - last > limits.auth_failure_window:
+            count = 0
+        failures = self._auth_failures
+        failures[address] = (count + 1, now)  # moved to the end: the most recent
+        if len(failures) > limits.max_auth_failure_addresses:
+            del failures[next(iter(failures))]
+        return min(limits.auth_failure_max_delay, limits.auth_failure_delay * (count + 1))
+
+    def auth_failures(self, address: str) -> int:
+        """Wrong tokens ``address`` sent lately (counted towards its delay)."""
+        count, last = self._auth_failures.get(address, (0, 0.0))
+        return count if self.loop.time() - last <= self.limits.auth_failure_window else 0
 
     # --- timeouts ----------------------------------------------------------------
 
@@ -692,8 +698,12 @@ class ProtocolServer:
             elif conn.in_flight == 0 and now - conn.last_active > limits.idle_timeout:
                 conn.abort(Unavailable.code, "idle timeout", retryable=True)
         horizon = now - limits.auth_failure_window
-        for address in [a for a, ts in self._auth_failures.items() if not ts or ts[-1] <= horizon]:
-            del self._auth_failures[address]
+        failures = self._auth_failures
+        while failures:  # oldest first: stop at the first one still counting
+            address = next(iter(failures))
+            if failures[address][1] > horizon:
+                break
+            del failures[address]
         self._schedule_sweep()
 
     # --- shutdown ----------------------------------------------------------------

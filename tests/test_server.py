@@ -185,15 +185,18 @@ def test_a_hello_with_a_field_of_the_wrong_type_is_a_protocol_error(noop):
         assert closed_by_peer(sock)
 
 
-def test_an_address_with_too_many_wrong_tokens_is_refused_even_with_the_right_one():
-    limits = Limits(max_auth_failures=3, auth_failure_delay=0)
+def test_wrong_tokens_are_counted_per_address_and_never_lock_the_right_one_out():
+    limits = Limits(auth_failure_delay=0.01, auth_failure_max_delay=0.05)
     with InProcessServer(None, limits=limits) as srv:
-        for _ in range(3):
+        for _ in range(30):
             with connect(srv.port) as sock:
                 assert hello(sock, "wrong").code == "unauthorized"
+        assert srv.call(lambda: srv.server.auth_failures("127.0.0.1")) == 30
+        # Each wrong token waits longer, up to the maximum...
+        assert srv.call(lambda: srv.server.auth_failed("127.0.0.1")) == 0.05
+        # ...and the right one, from the same address, is welcomed at once.
         with connect(srv.port) as sock:
-            resp = recv(sock)  # refused on connect, before any hello
-            assert resp.code == "unauthorized"
+            assert type(hello(sock)) is Welcome
 
 
 def test_wrong_token_and_pipelined_claims_issue_nothing_from_a_real_allocator(dsn):
