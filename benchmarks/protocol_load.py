@@ -48,7 +48,7 @@ class Server:
                  shards: int | None = None, ready_timeout: float = 60.0,
                  tls_cert: str | None = None, tls_key: str | None = None) -> None:
         cmd = [sys.executable, "-c", "from ango.cli import main; main()", "serve",
-               "--host", "127.0.0.1", "--port", "0", "--token", token]
+               "--host", "127.0.0.1", "--port", "0"]
         if noop:
             cmd.append("--noop")
         if dsn:
@@ -60,8 +60,9 @@ class Server:
         self.token = token
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         # Its stdout must not reach ours: `benchmarks.load --json` prints one object there.
+        # The token through the environment: a command line is readable by every local user.
         self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        text=True)
+                                        text=True, env=dict(os.environ, ANGO_TOKEN=token))
         self.port = 0
         found = threading.Event()
 
