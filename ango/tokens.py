@@ -30,7 +30,7 @@ from typing import Any
 import psycopg
 
 from ango.config import data_dir, read_secret
-from ango.errors import InvalidInput
+from ango.errors import BatchNotFound, InvalidInput
 from ango.importer import parse_uuid
 from ango.sql import queries
 
@@ -160,6 +160,21 @@ class Scope:
         """True for the admin token, which reaches every client's batches."""
         return self.client_id is None
 
+    def claim_client(self, batch_id: object, client_id: object) -> object:
+        """The client id a claim goes to the allocator with under this scope.
+
+        The admin token's claims keep ``client_id``. A client token's claims get
+        its own client (the shard then answers a batch of another client as one
+        that does not exist); naming another client raises ``BatchNotFound``
+        worded as the shard words it, so the answer tells nothing either way.
+        """
+        own = self.client_id
+        if own is None:
+            return client_id
+        if client_id is None or client_id == own or str(parse_uuid(client_id, "client id")) == own:
+            return own
+        raise BatchNotFound(f"no batch {parse_uuid(batch_id, 'batch id')} for this client")
+
 
 ADMIN = Scope("admin")
 
@@ -192,6 +207,7 @@ class Authenticator:
         self._load_started = float("-inf")
         self._reloading: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._conn: psycopg.AsyncConnection | None = None  # kept open between reloads
         self._warned = False
 
     async def start(self) -> None:
@@ -208,6 +224,9 @@ class Authenticator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
 
     def lookup(self, token: str | None) -> Scope | None:
         """The scope of ``token`` from what is loaded now (no database round trip)."""
@@ -254,17 +273,27 @@ class Authenticator:
     def _reloaded(self, _: asyncio.Future[None]) -> None:
         self._reloading = None
 
+    @staticmethod
+    async def _fetch_live(conn: psycopg.AsyncConnection) -> list[tuple]:
+        return await (await conn.execute(queries["live_tokens"])).fetchall()
+
     async def _load(self) -> None:
         self._load_started = asyncio.get_running_loop().time()
         try:
-            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True,
-                                                                connect_timeout=5) as conn:
-                rows = await (await conn.execute(queries["live_tokens"])).fetchall()
-        except psycopg.Error as exc:
+            if self._conn is None or self._conn.closed:
+                self._conn = await psycopg.AsyncConnection.connect(
+                    self.dsn, autocommit=True, connect_timeout=5)
+            # Bounded: handshakes with a token not known yet wait for this.
+            rows = await asyncio.wait_for(self._fetch_live(self._conn), 5.0)
+        except (psycopg.Error, TimeoutError) as exc:
+            if self._conn is not None:
+                await self._conn.close()  # reconnect next time
+                self._conn = None
             # Keep the last tokens known: the admin token still works, and a
             # revocation is seen once the database answers again.
             if not self._warned:
-                log.warning("cannot reload client tokens: %s", str(exc).strip().splitlines()[0])
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "timed out"
+                log.warning("cannot reload client tokens: %s", reason)
                 self._warned = True
             return
         self._warned = False

@@ -24,12 +24,10 @@ from ango import __version__
 from ango.errors import (
     AngoError,
     AuthenticationFailed,
-    BatchNotFound,
     InvalidInput,
     ProtocolError,
     Unavailable,
 )
-from ango.importer import parse_uuid
 from ango.protocol import (
     HEADER_SIZE,
     PROTOCOL_VERSION,
@@ -363,31 +361,18 @@ class Connection(asyncio.Protocol):
         # The allocator answers with a future (batched to its shards per loop
         # pass); a coroutine would need a task, which costs more per claim.
         client_id = msg.client_id
-        scoped = self.scope.client_id
-        if scoped is not None and client_id != scoped:
-            if client_id is not None:
-                self._claim_out_of_scope(msg)
+        if self.scope.client_id is not None:
+            try:
+                client_id = self.scope.claim_client(msg.batch_id, client_id)
+            except AngoError as exc:
+                self.send(error_frame(msg.id, exc))
                 return
-            client_id = scoped  # the shard refuses a batch of another client as not found
         waiter = alloc.claim(
             msg.batch_id, msg.customer_id, client_id=client_id, request_id=msg.request_id)
         if _iscoroutine(waiter):
             waiter = server.loop.create_task(waiter)
         self._started()
         waiter.add_done_callback(partial(self._claim_done, msg.id))
-
-    def _claim_out_of_scope(self, msg: Claim) -> None:
-        """A client token naming another client: answered as for a batch that does not exist."""
-        try:
-            if str(parse_uuid(msg.client_id, "client id")) == self.scope.client_id:
-                msg.client_id = None  # the same client, spelled otherwise
-                self._claim(msg)
-                return
-            batch_id = parse_uuid(msg.batch_id, "batch id")
-        except AngoError as exc:
-            self.send(error_frame(msg.id, exc))
-            return
-        self.send(error_frame(msg.id, BatchNotFound(f"no batch {batch_id} for this client")))
 
     def _claim_done(self, request_id: int, task: asyncio.Task) -> None:
         self._finished()
