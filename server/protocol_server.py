@@ -21,13 +21,7 @@ from typing import Any, Protocol
 import msgspec
 
 from ango import __version__
-from ango.errors import (
-    AngoError,
-    AuthenticationFailed,
-    InvalidInput,
-    ProtocolError,
-    Unavailable,
-)
+from ango.errors import AngoError, AuthenticationFailed, InvalidInput, ProtocolError, Unavailable
 from ango.protocol import (
     HEADER_SIZE,
     PROTOCOL_VERSION,
