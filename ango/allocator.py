@@ -208,25 +208,29 @@ class Allocator:
         shard.submit(m.Claim(next(self._tags), bid, customer, client, request), future)
         return future
 
-    async def expire(self, batch_id: str) -> bool:
+    async def expire(self, batch_id: str, *, client_id: str | None = None) -> bool:
         """Expire a batch; once this returns no claim of it succeeds (I5).
 
-        Returns False if it was already expired; raises BatchNotFound.
+        Returns False if it was already expired; raises BatchNotFound (also for
+        a batch of another client than ``client_id``, when given).
         """
         bid = _uuid_text(batch_id, "batch id")
-        return await self._in_thread(self._expire, bid)
+        client = None if client_id is None else _uuid_text(client_id, "client id")
+        return await self._in_thread(self._expire, bid, client)
 
-    def _expire(self, batch_id: str) -> bool:
+    def _expire(self, batch_id: str, client_id: str | None) -> bool:
         with database.connect(self.dsn, autocommit=True) as conn:
-            return batches_lib.expire_batch(conn, batch_id)
+            return batches_lib.expire_batch(conn, batch_id, client_id)
 
-    async def batches(self) -> list[dict[str, Any]]:
-        """Every batch with its counts, as `ango batches --json` prints them."""
-        return await self._in_thread(self._batches)
+    async def batches(self, *, client_id: str | None = None) -> list[dict[str, Any]]:
+        """Every batch (of ``client_id`` only, when given) with its counts, as
+        `ango batches --json` prints them."""
+        client = None if client_id is None else _uuid_text(client_id, "client id")
+        return await self._in_thread(self._batches, client)
 
-    def _batches(self) -> list[dict[str, Any]]:
+    def _batches(self, client_id: str | None) -> list[dict[str, Any]]:
         with database.connect(self.dsn, autocommit=True) as conn:
-            return [b.to_dict() for b in batches_lib.list_batches(conn)]
+            return [b.to_dict() for b in batches_lib.list_batches(conn, client_id)]
 
     def _on_stats(self, reply: m.StatsReply) -> None:
         waiter = self._stats_waiters.pop(reply.tag_id, None)

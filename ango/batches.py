@@ -49,19 +49,22 @@ def _info(row: tuple) -> BatchInfo:
     )
 
 
-def list_batches(conn: psycopg.Connection) -> list[BatchInfo]:
-    """Every batch, oldest first, with total, issued and available counts."""
-    return [_info(row) for row in conn.execute(queries["list_batches"])]
+def list_batches(conn: psycopg.Connection, client_id: str | None = None) -> list[BatchInfo]:
+    """Every batch (of ``client_id`` only, when given), oldest first, with its counts."""
+    return [_info(row) for row in conn.execute(queries["list_batches"], {"client": client_id})]
 
 
-def expire_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> bool:
+def expire_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID,
+                 client_id: str | None = None) -> bool:
     """Mark a batch expired; return False if it already was. Idempotent.
 
-    When this returns, no claim of the batch can succeed any more (I5).
+    When this returns, no claim of the batch can succeed any more (I5). With
+    ``client_id``, a batch of another client is not found.
     """
     bid = parse_uuid(batch_id, "batch id")
     with conn.transaction():
-        row = conn.execute(queries["lock_batch_for_expiry"], (bid,)).fetchone()
+        row = conn.execute(queries["lock_batch_for_expiry"],
+                           {"id": bid, "client": client_id}).fetchone()
         if row is None:
             raise BatchNotFound(f"no batch with id {bid}")
         key, already = row

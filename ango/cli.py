@@ -30,9 +30,34 @@ EXIT_REFUSED = 4
 EXIT_UNAVAILABLE = 5
 EXIT_CONFIGURATION = 6
 
+
+def _secret_on_command_line(ctx: click.Context, param: click.Parameter,
+                            value: str | None) -> str | None:
+    """Warn when a secret is given on the command line, which every local user can read
+    (``/proc/<pid>/cmdline``, ``ps``)."""
+    from click.core import ParameterSource
+
+    if not value or ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+        return value
+    if param.name == "dsn":
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            if not conninfo_to_dict(value).get("password"):
+                return value
+        except Exception:  # noqa: BLE001 (a malformed DSN is reported where it is used)
+            return value
+    instead = ("ANGO_DSN or ANGO_DSN_FILE" if param.name == "dsn"
+               else "ANGO_TOKEN or ANGO_TOKEN_FILE")
+    click.echo(f"warning: --{param.name} on the command line can be read by every user of "
+               f"this machine; use {instead}", err=True)
+    return value
+
+
 _dsn_option = click.option(
-    "--dsn", envvar=None, default=None,
-    help="PostgreSQL DSN (else ANGO_DSN, DATABASE_URL, else the embedded server).",
+    "--dsn", envvar=None, default=None, callback=_secret_on_command_line,
+    help="PostgreSQL DSN (else ANGO_DSN, DATABASE_URL, the file ANGO_DSN_FILE, else the "
+         "embedded server). A password here warns: use the environment or a file.",
 )
 _data_dir_option = click.option(
     "--data-dir", default=None, type=click.Path(file_okay=False),
@@ -166,6 +191,67 @@ def expire(batch_id: str, dsn: str | None, data_dir: str | None) -> None:
     click.echo(f"expired {batch_id}" if changed else f"{batch_id} was already expired")
 
 
+@main.group()
+def token() -> None:
+    """Client tokens: each reaches one client's batches only (the admin token reaches all)."""
+
+
+@token.command("create")
+@click.option("--client", "client_id", required=True, help="Client id (UUID) the token reaches.")
+@click.option("--name", default=None, help="A name to list and revoke it by (default: generated).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the token included).")
+@_dsn_option
+@_data_dir_option
+def token_create(client_id: str, name: str | None, as_json: bool, dsn: str | None,
+                 data_dir: str | None) -> None:
+    """Make a token for one client and print it: it is shown only this once."""
+    from ango.tokens import create_token
+
+    found = database.ready_dsn(dsn, data_dir)
+    with database.connect(found, autocommit=True) as conn:
+        secret, info = create_token(conn, client_id, name)
+    if as_json:
+        click.echo(json.dumps({"token": secret, **info.to_dict()}))
+        return
+    click.echo(f"token {info.name} for client {info.client_id} (shown only now; stored hashed):",
+               err=True)
+    click.echo(secret)
+
+
+@token.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_dsn_option
+@_data_dir_option
+def token_list(as_json: bool, dsn: str | None, data_dir: str | None) -> None:
+    """List client tokens, live and revoked (never the tokens themselves)."""
+    from ango.tokens import list_tokens
+
+    found = database.ready_dsn(dsn, data_dir)
+    with database.connect(found, autocommit=True) as conn:
+        rows = list_tokens(conn)
+    if as_json:
+        click.echo(json.dumps([t.to_dict() for t in rows]))
+        return
+    click.echo(f"{'name':24}  {'client':36}  {'created':32}  revoked")
+    for t in rows:
+        click.echo(f"{t.name:24}  {t.client_id:36}  {t.created_at:32}  {t.revoked_at or '-'}")
+
+
+@token.command("revoke")
+@click.argument("name")
+@_dsn_option
+@_data_dir_option
+def token_revoke(name: str, dsn: str | None, data_dir: str | None) -> None:
+    """Revoke token NAME: refused from now on, and open connections using it are
+    closed within seconds."""
+    from ango.tokens import revoke_token
+
+    found = database.ready_dsn(dsn, data_dir)
+    with database.connect(found, autocommit=True) as conn:
+        revoke_token(conn, name)
+    click.echo(f"revoked {name}")
+
+
 @main.command()
 @_dsn_option
 @_data_dir_option
@@ -174,9 +260,13 @@ def expire(batch_id: str, dsn: str | None, data_dir: str | None) -> None:
               help="Port to listen on (0: any free port, logged when ready).")
 @click.option("--shards", default=None, type=click.IntRange(1, 256),
               help="Shard processes (default: one per CPU core).")
-@click.option("--token", envvar="ANGO_TOKEN", default=None,
-              help="Token clients must present (else ANGO_TOKEN, else <data dir>/token, "
-                   "generated with mode 0600 if missing).")
+@click.option("--token", envvar="ANGO_TOKEN", default=None, callback=_secret_on_command_line,
+              help="Admin token clients must present: better ANGO_TOKEN or --token-file (a "
+                   "command line is readable by every local user).")
+@click.option("--token-file", envvar="ANGO_TOKEN_FILE", default=None,
+              type=click.Path(dir_okay=False),
+              help="File holding the admin token, e.g. a Kubernetes Secret mount (else "
+                   "ANGO_TOKEN_FILE, else <data dir>/token, generated with mode 0600).")
 @click.option("--noop", is_flag=True,
               help="Answer every claim with a constant code, without shards or database "
                    "(measures the transport).")
@@ -187,48 +277,79 @@ def expire(batch_id: str, dsn: str | None, data_dir: str | None) -> None:
               type=click.Choice(LEVELS), help="Least severe log records written (stderr).")
 @click.option("--log-format", envvar="ANGO_LOG_FORMAT", default="text", show_default=True,
               type=click.Choice(FORMATS), help="text, or json: one JSON object per line.")
+@click.option("--tls-cert", envvar="ANGO_TLS_CERT", default=None,
+              type=click.Path(exists=True, dir_okay=False),
+              help="PEM certificate (chain): the port speaks TLS (else ANGO_TLS_CERT).")
+@click.option("--tls-key", envvar="ANGO_TLS_KEY", default=None,
+              type=click.Path(exists=True, dir_okay=False),
+              help="PEM private key of --tls-cert (else ANGO_TLS_KEY; default: in the cert file).")
+@click.option("--tls-required/--tls-optional", default=True, show_default=True,
+              help="With a certificate: refuse plain-text clients, or accept both.")
 def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: int | None,
-          token: str | None, noop: bool, db_wait: float, log_level: str, log_format: str) -> None:
+          token: str | None, token_file: str | None, noop: bool, db_wait: float,
+          log_level: str, log_format: str, tls_cert: str | None, tls_key: str | None,
+          tls_required: bool) -> None:
     """Serve claims over TCP (docs/PROTOCOL.md) until SIGTERM or SIGINT."""
     import logging
 
     from ango.logs import configure
     from ango.server import log_startup
     from ango.server import serve as run_server
-    from ango.tokens import ensure_token
+    from ango.tokens import ensure_token, read_token
 
     configure(log_level, log_format)
     if token:
         token_source = "token from --token/ANGO_TOKEN"
+    elif token_file:
+        token, token_source = read_token(token_file=token_file), f"token in {token_file}"
+        if not token:
+            raise click.ClickException(f"the token file {token_file} is empty")
     else:
         token, path = ensure_token(data_dir)
         token_source = f"token in {path}"
 
+    if tls_key and not tls_cert:
+        raise click.UsageError("--tls-key needs --tls-cert")
+    tls_mode = ("TLS only" if tls_required else "TLS or plain text") if tls_cert else "plain text"
     if not noop:
         dsn = database.wait_until_ready(dsn, data_dir, seconds=db_wait,
                                         report=logging.getLogger("ango.database").warning)
     try:
         run_server(dsn=dsn, data_dir=data_dir, token=token, host=host, port=port, shards=shards,
-                   noop=noop, on_ready=lambda *where: log_startup(*where, note=token_source))
+                   noop=noop, tls_cert=tls_cert, tls_key=tls_key, tls_required=tls_required,
+                   on_ready=lambda *where: log_startup(*where, note=f"{tls_mode}, {token_source}"))
     except OSError as exc:
         reason = exc.strerror or exc
         raise click.ClickException(f"cannot serve on {host}:{port}: {reason}") from None
 
 
 def _server_options(command):
-    """--host, --port, --token, --timeout, --data-dir: how to reach a running `ango serve`."""
+    """--host, --port, --token, --timeout, --tls, --tls-ca, --data-dir: how to reach a
+    running `ango serve`."""
     for option in reversed((
         click.option("--host", default="127.0.0.1", show_default=True, help="Server address."),
         click.option("--port", default=7878, show_default=True, type=click.IntRange(1, 65535),
                      help="Server port."),
         click.option("--token", envvar="ANGO_TOKEN", default=None,
-                     help="Server token (else ANGO_TOKEN, else <data dir>/token)."),
+                     callback=_secret_on_command_line,
+                     help="Server token: better ANGO_TOKEN or ANGO_TOKEN_FILE "
+                          "(else <data dir>/token)."),
         click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1),
                      help="Seconds to keep trying, retries included."),
+        click.option("--tls", is_flag=True, help="Speak TLS, verifying the server (system CAs)."),
+        click.option("--tls-ca", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help="Speak TLS, trusting the CA certificates in this PEM file."),
         _data_dir_option,
     )):
         command = option(command)
     return command
+
+
+def _tls_context(tls: bool, tls_ca: str | None):
+    """What the clients' ``tls`` argument takes for ``--tls`` / ``--tls-ca``."""
+    import ssl
+
+    return ssl.create_default_context(cafile=tls_ca) if tls_ca else tls
 
 
 @main.command()
@@ -240,12 +361,14 @@ def _server_options(command):
               help="Idempotency key: the same id always returns the same code.")
 @_server_options
 def claim(batch_id: str, customer_id: str, client_id: str | None, request_id: str | None,
-          host: str, port: int, token: str | None, timeout: float, data_dir: str | None) -> None:
+          host: str, port: int, token: str | None, timeout: float, tls: bool,
+          tls_ca: str | None, data_dir: str | None) -> None:
     """Claim a code of BATCH_ID for CUSTOMER_ID from a running `ango serve`; print it."""
     from ango.client import Client
 
     try:
-        with Client(host, port, token, timeout, data_dir=data_dir) as client:
+        with Client(host, port, token, timeout, data_dir=data_dir,
+                    tls=_tls_context(tls, tls_ca)) as client:
             code = client.claim(batch_id, customer_id, client_id=client_id, request_id=request_id)
     except AngoError as exc:
         raise Failure(exc, prefix=f"{exc.code}: ") from None
@@ -336,14 +459,15 @@ def audit(stale_seconds: float, as_json: bool, dsn: str | None, data_dir: str | 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the server's answer as JSON.")
 @_server_options
-def stats(as_json: bool, host: str, port: int, token: str | None, timeout: float,
-          data_dir: str | None) -> None:
+def stats(as_json: bool, host: str, port: int, token: str | None, timeout: float, tls: bool,
+          tls_ca: str | None, data_dir: str | None) -> None:
     """Counters and health of a running `ango serve`: claims, shards, leases, database."""
     from ango.client import Client
     from ango.stats_table import stats_lines
 
     try:
-        with Client(host, port, token, timeout, data_dir=data_dir) as client:
+        with Client(host, port, token, timeout, data_dir=data_dir,
+                    tls=_tls_context(tls, tls_ca)) as client:
             found = client.stats()
     except AngoError as exc:
         raise Failure(exc, prefix=f"{exc.code}: ") from None

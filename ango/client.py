@@ -13,6 +13,7 @@ import asyncio
 import collections
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -72,6 +73,25 @@ def _token(token: str | None, data_dir: str | None) -> str:
     return read_token(data_dir) or ""
 
 
+def tls_context(tls: bool | ssl.SSLContext | None) -> ssl.SSLContext | None:
+    """The client context for ``tls``: True verifies the server against the system's
+    certificate authorities and its host name; a context is used as it is."""
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    return ssl.create_default_context() if tls else None
+
+
+def _tls_failed(host: str, port: int, exc: ssl.SSLError) -> AngoError | None:
+    """A clear, final error for a TLS failure that retrying cannot mend (None: retry)."""
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return None  # the connection dropped: as retryable as any other
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = f"certificate verify failed: {exc.verify_message}"
+    else:
+        detail = f"{exc.reason or exc} (does the server speak TLS?)"
+    return ProtocolError(f"TLS with {host}:{port} failed: {detail}")
+
+
 def _encode(out: bytearray, msg: msgspec.Struct, max_frame: int) -> None:
     start = len(out)
     append_frame(out, msg)
@@ -96,15 +116,19 @@ class Client:
     """A blocking client over one connection; safe to share between threads (calls take turns).
 
     ``token`` defaults to ``ANGO_TOKEN``, else the token file in the data
-    directory. ``timeout`` bounds every call, retries included.
+    directory. ``timeout`` bounds every call, retries included. ``tls=True``
+    speaks TLS and verifies the server's certificate and name (system CAs); an
+    ``ssl.SSLContext`` is used as given (e.g. ``ssl.create_default_context(cafile=...)``).
     """
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
-                 timeout: float = 5.0, *, data_dir: str | None = None) -> None:
+                 timeout: float = 5.0, *, data_dir: str | None = None,
+                 tls: bool | ssl.SSLContext | None = None) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
         self._token = _token(token, data_dir)
+        self._tls = tls_context(tls)
         self._sock: socket.socket | None = None
         self._buf = bytearray()
         self._next_id = 0
@@ -180,6 +204,15 @@ class Client:
         wait = max(0.001, deadline - time.monotonic())
         sock = socket.create_connection((self.host, self.port), timeout=wait)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._tls is not None:
+            try:
+                sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+            except ssl.SSLError as exc:
+                sock.close()
+                raise _tls_failed(self.host, self.port, exc) or exc from None
+            except OSError:
+                sock.close()
+                raise
         self._sock = sock
         self._buf = bytearray()
         self._next_id = 0
@@ -377,15 +410,17 @@ class AsyncClient:
     Create it with ``await AsyncClient.connect(...)`` (or ``async with await
     AsyncClient.connect(...) as client``). ``token`` defaults to ``ANGO_TOKEN``,
     else the token file in the data directory; ``timeout`` bounds every call,
-    retries included.
+    retries included; ``tls`` as for :class:`Client`.
     """
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
-                 timeout: float = 5.0, *, data_dir: str | None = None) -> None:
+                 timeout: float = 5.0, *, data_dir: str | None = None,
+                 tls: bool | ssl.SSLContext | None = None) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
         self._token = _token(token, data_dir)
+        self._tls = tls_context(tls)
         self._conn: _Connection | None = None
         self._connecting: asyncio.Future | None = None
         self._closed = False
@@ -393,9 +428,10 @@ class AsyncClient:
     @classmethod
     async def connect(cls, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                       token: str | None = None, timeout: float = 5.0, *,
-                      data_dir: str | None = None) -> AsyncClient:
+                      data_dir: str | None = None,
+                      tls: bool | ssl.SSLContext | None = None) -> AsyncClient:
         """A connected client (the handshake done, retried until ``timeout``)."""
-        client = cls(host, port, token, timeout, data_dir=data_dir)
+        client = cls(host, port, token, timeout, data_dir=data_dir, tls=tls)
         loop = asyncio.get_running_loop()
         await client._connection(loop.time() + timeout)
         return client
@@ -500,8 +536,9 @@ class AsyncClient:
         delay = _FIRST_BACKOFF
         while True:
             try:
-                opening = loop.create_connection(lambda: _Connection(loop, self.timeout),
-                                                 self.host, self.port)
+                opening = loop.create_connection(
+                    lambda: _Connection(loop, self.timeout), self.host, self.port, ssl=self._tls,
+                    server_hostname=self.host if self._tls is not None else None)
                 _, conn = await asyncio.wait_for(opening, max(0.001, deadline - loop.time()))
                 try:
                     hello = Hello(conn.new_id(), PROTOCOL_VERSION, self._token, _NAME)
@@ -517,6 +554,9 @@ class AsyncClient:
                     raise _failure(resp)
                 raise _unexpected(resp)
             except (OSError, _ConnectionLost, Unavailable) as exc:
+                if isinstance(exc, ssl.SSLError) and (
+                        failed := _tls_failed(self.host, self.port, exc)) is not None:
+                    raise failed from None
                 remaining = deadline - loop.time()
                 if remaining <= 0 or self._closed:
                     if isinstance(exc, (Unavailable, AuthenticationFailed)):

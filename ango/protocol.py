@@ -34,12 +34,16 @@ class _Message(msgspec.Struct, tag=True, tag_field="type"):
 
 
 class Hello(_Message, tag="hello"):
-    """First frame of every connection: protocol version and token."""
+    """First frame of every connection: protocol version and token.
+
+    ``token`` may be absent or nil so that the server can answer a missing
+    token as it answers a wrong one (``unauthorized``, after the delay).
+    """
 
     id: int
     version: int
-    token: str
-    client: str = ""
+    token: str | None = None
+    client: str | None = None
 
 
 class Claim(_Message, tag="claim"):

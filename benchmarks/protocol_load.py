@@ -1,13 +1,15 @@
 """Claims per second through `ango serve`, with ``ango.AsyncClient`` pipelining.
 
-    python -m benchmarks.protocol_load --noop [--concurrency 100] [--seconds 5]
+    python -m benchmarks.protocol_load --noop [--concurrency 100] [--seconds 5] [--tls]
     python -m benchmarks.protocol_load --port 7878 --token T --batch BATCH_ID
 
 ``--noop`` starts ``ango serve --noop`` itself (claims answered with a constant
 code, no shards, no PostgreSQL: the transport's ceiling). Otherwise it claims
 from BATCH_ID on a running server, one customer per claim. The client runs in
 this process on uvloop with ``--concurrency`` claims in flight over
-``--connections`` connections; it prints one JSON line.
+``--connections`` connections; it prints one JSON line. ``--tls`` (with
+``--noop``) serves TLS with a self-signed certificate made by ``openssl`` and
+verifies it in the client: compare with and without to see what TLS costs.
 
 ``start_server`` and ``drive`` are the pieces ``benchmarks.load`` builds on:
 ``drive`` also times every claim and keeps every code received.
@@ -21,13 +23,16 @@ import collections
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 
 import uvloop
+from ango.server.tls import self_signed
 
 import ango
 
@@ -40,20 +45,24 @@ class Server:
     """
 
     def __init__(self, token: str, *, noop: bool = False, dsn: str | None = None,
-                 shards: int | None = None, ready_timeout: float = 60.0) -> None:
+                 shards: int | None = None, ready_timeout: float = 60.0,
+                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
         cmd = [sys.executable, "-c", "from ango.cli import main; main()", "serve",
-               "--host", "127.0.0.1", "--port", "0", "--token", token]
+               "--host", "127.0.0.1", "--port", "0"]
         if noop:
             cmd.append("--noop")
         if dsn:
             cmd += ["--dsn", dsn]
         if shards:
             cmd += ["--shards", str(shards)]
+        if tls_cert:
+            cmd += ["--tls-cert", tls_cert, "--tls-key", tls_key or tls_cert]
         self.token = token
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         # Its stdout must not reach ours: `benchmarks.load --json` prints one object there.
+        # The token through the environment: a command line is readable by every local user.
         self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        text=True)
+                                        text=True, env=dict(os.environ, ANGO_TOKEN=token))
         self.port = 0
         found = threading.Event()
 
@@ -117,7 +126,7 @@ class Drive:
 async def drive(port: int, token: str, batch: str, concurrency: int, connections: int,
                 seconds: float, warmup: float = 0.5, *, budget: int | None = None,
                 keep_codes: bool = False, prefix: str = "c",
-                on_window: tuple | None = None) -> Drive:
+                on_window: tuple | None = None, tls: ssl.SSLContext | None = None) -> Drive:
     """Keep ``concurrency`` claims in flight for ``warmup`` + ``seconds``.
 
     Claims run on ``connections`` clients (claim ``w`` uses client ``w %
@@ -129,7 +138,7 @@ async def drive(port: int, token: str, batch: str, concurrency: int, connections
     ``on_window`` is a pair of callables run at the window's start and end
     (e.g. CPU samples).
     """
-    clients = [await ango.AsyncClient.connect(port=port, token=token, timeout=30)
+    clients = [await ango.AsyncClient.connect(port=port, token=token, timeout=30, tls=tls)
                for _ in range(connections)]
     loop = asyncio.get_running_loop()
     result = Drive()
@@ -195,12 +204,26 @@ async def drive(port: int, token: str, batch: str, concurrency: int, connections
 
 
 async def load(port: int, token: str, batch: str, concurrency: int, connections: int,
-               seconds: float) -> dict:
-    """Claims per second over ``seconds`` after a 0.5 s warm-up, as a dict."""
-    found = await drive(port, token, batch, concurrency, connections, seconds)
-    return {"claims": found.claims, "errors": found.errors, "seconds": round(found.seconds, 3),
-            "claims_per_s": round(found.claims_per_s), "concurrency": concurrency,
-            "connections": connections}
+               seconds: float, tls: ssl.SSLContext | None = None,
+               server_pid: int | None = None) -> dict:
+    """Claims per second over ``seconds`` after a 0.5 s warm-up, as a dict; with
+    ``server_pid``, also the CPU microseconds per claim of the server and of this
+    client (steadier than claims per second on a busy machine)."""
+    from benchmarks._cpu import CpuSplit
+
+    groups = {"client": lambda: [os.getpid()]}
+    if server_pid is not None:
+        groups["server"] = lambda: [server_pid]
+    cpu = CpuSplit(groups)
+    found = await drive(port, token, batch, concurrency, connections, seconds, tls=tls,
+                        on_window=(cpu.start, cpu.stop))
+    result = {"claims": found.claims, "errors": found.errors, "seconds": round(found.seconds, 3),
+              "claims_per_s": round(found.claims_per_s), "concurrency": concurrency,
+              "connections": connections}
+    if cpu.result and found.claims:
+        result["cpu_us_per_claim"] = {name: round(spent / found.claims * 1e6, 2)
+                                      for name, spent in cpu.result["cpu_s"].items()}
+    return result
 
 
 def main() -> None:
@@ -212,17 +235,25 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--tls", action="store_true",
+                        help="with --noop: serve TLS (self-signed) and verify it in the client")
     args = parser.parse_args()
-    server = start_server(args.token, noop=True) if args.noop else None
-    port = server.port if server else args.port
-    try:
-        result = uvloop.run(load(port, args.token, args.batch, args.concurrency, args.connections,
-                                 args.seconds))
-        result["mode"] = "noop" if args.noop else "allocator"
-        print(json.dumps(result))
-    finally:
-        if server is not None:
-            server.stop()
+    with tempfile.TemporaryDirectory() as folder:
+        tls_files = self_signed(folder) if args.tls and args.noop else (None, None)
+        tls = ssl.create_default_context(cafile=tls_files[0]) if tls_files[0] else None
+        server = (start_server(args.token, noop=True, tls_cert=tls_files[0],
+                               tls_key=tls_files[1]) if args.noop else None)
+        port = server.port if server else args.port
+        try:
+            result = uvloop.run(load(port, args.token, args.batch, args.concurrency,
+                                     args.connections, args.seconds, tls,
+                                     server.pid if server else None))
+            result["mode"] = "noop" if args.noop else "allocator"
+            result["tls"] = tls is not None
+            print(json.dumps(result))
+        finally:
+            if server is not None:
+                server.stop()
 
 
 if __name__ == "__main__":

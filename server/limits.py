@@ -27,17 +27,30 @@ class Limits:
     #: Seconds an authenticated connection may stay silent with nothing in flight.
     idle_timeout: float = 300.0
     #: Seconds a new connection has to send a good ``hello``.
-    handshake_timeout: float = 10.0
+    handshake_timeout: float = 5.0
+    #: Connections that have not authenticated yet, server-wide. One more evicts
+    #: the oldest of them (``unavailable``), so silent connections cannot hold
+    #: the door shut: a client that sends its ``hello`` promptly always gets in.
+    max_unauthenticated: int = 128
+    #: Connections of one address that have not authenticated yet; one more is
+    #: refused ``unavailable``.
+    max_unauthenticated_per_address: int = 16
     #: Unsent response bytes of one connection at which the server stops reading it.
     write_high_water: int = 1024 * 1024
     #: Unsent response bytes at which it reads again.
     write_low_water: int = 256 * 1024
-    #: Seconds before a wrong token is answered (slows down guessing).
+    #: Seconds before the first wrong token of an address is answered; each
+    #: further one within ``auth_failure_window`` waits that much longer, up to
+    #: ``auth_failure_max_delay``. The connection is held meanwhile (reading
+    #: nothing) and counts against its address's ``max_unauthenticated_per_address``,
+    #: so one address tests at most that many tokens per ``auth_failure_max_delay``.
+    #: A correct token is never delayed nor refused.
     auth_failure_delay: float = 0.25
-    #: Wrong tokens from one address within ``auth_failure_window`` before that
-    #: address is refused outright until the window passes.
-    max_auth_failures: int = 20
-    #: Seconds over which wrong tokens are counted per address.
+    #: The longest a wrong token waits for its answer.
+    auth_failure_max_delay: float = 5.0
+    #: Seconds over which wrong tokens are counted per address (from the last one).
     auth_failure_window: float = 60.0
+    #: Addresses whose wrong tokens are remembered (the oldest are forgotten first).
+    max_auth_failure_addresses: int = 65536
     #: Seconds a shutdown waits for claims in flight before closing anyway.
     shutdown_grace: float = 30.0

@@ -11,8 +11,8 @@ written once per loop pass, so a burst of pipelined claims costs one
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
+import ssl
 import time
 from collections.abc import Awaitable
 from functools import partial
@@ -44,9 +44,11 @@ from ango.protocol import (
     salvage_id,
     unpack_header,
 )
+from ango.tokens import Authenticator, Scope
 
 from .limits import Limits
 from .metrics import Metrics
+from .tls import TLS_HANDSHAKE, ServerTLS
 
 log = logging.getLogger("ango.server")
 _iscoroutine = asyncio.iscoroutine
@@ -66,8 +68,8 @@ class AllocatorLike(Protocol):
 
     def claim(self, batch_id: str, customer_id: str, *, client_id: str | None = None,
               request_id: str | None = None) -> Awaitable[str]: ...
-    async def expire(self, batch_id: str) -> bool: ...
-    async def batches(self) -> list[dict[str, Any]]: ...
+    async def expire(self, batch_id: str, *, client_id: str | None = None) -> bool: ...
+    async def batches(self, *, client_id: str | None = None) -> list[dict[str, Any]]: ...
     async def stats(self) -> dict[str, Any]: ...
 
 
@@ -103,8 +105,9 @@ class Connection(asyncio.Protocol):
     """One client connection."""
 
     __slots__ = (
-        "server", "transport", "peer", "authenticated", "in_flight", "last_active", "opened",
-        "closing", "_buf", "_out", "_dirty", "_paused", "_reading_paused", "_max_in_flight", "_eof",
+        "server", "transport", "peer", "authenticated", "scope", "in_flight", "last_active",
+        "opened", "closing", "_buf", "_out", "_dirty", "_paused", "_reading_paused",
+        "_max_in_flight", "_eof", "_tls", "_sniffing",
     )
 
     def __init__(self, server: ProtocolServer) -> None:
@@ -112,6 +115,8 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.authenticated = False
+        #: What the token of this connection reaches (None until authenticated).
+        self.scope: Scope | None = None
         self.in_flight = 0
         self.opened = self.last_active = server.loop.time()
         self.closing = False
@@ -122,6 +127,9 @@ class Connection(asyncio.Protocol):
         self._paused = 0
         self._reading_paused = False
         self._max_in_flight = server.limits.max_in_flight
+        self._tls: ServerTLS | None = None
+        # The first bytes tell TLS from plain text (only when the server has a certificate).
+        self._sniffing = server.tls is not None
 
     # --- asyncio.Protocol ------------------------------------------------------
 
@@ -139,13 +147,15 @@ class Connection(asyncio.Protocol):
             self.abort(Unavailable.code, "the server is shutting down", retryable=True)
         elif len(server.connections) > limits.max_connections:
             self.abort(Unavailable.code, "too many connections", retryable=True)
-        elif server.auth_blocked(self.peer):
-            self.abort(AuthenticationFailed.code, "too many wrong tokens from this address")
+        elif not server.admit_unauthenticated(self):
+            self.abort(Unavailable.code, "too many connections from this address waiting for hello",
+                       retryable=True)
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
         self.closing = True
         self.server.connections.discard(self)
         self.server.metrics.connection_closed(PROTOCOL)
+        self.server.authenticated_or_gone(self)
         self._out = bytearray()
         self._buf = bytearray()
 
@@ -153,6 +163,10 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         self.last_active = self.server.loop.time()
+        if self._tls is not None or self._sniffing:
+            data = self._decrypt(data)
+            if not data:
+                return
         if self._buf:
             self._buf += data
             self._process_buffer()
@@ -160,6 +174,35 @@ class Connection(asyncio.Protocol):
             used = self._process(data)
             if used < len(data) and not self.closing:
                 self._buf = bytearray(memoryview(data)[used:])
+
+    def _decrypt(self, data: bytes) -> bytes:
+        """The plain text in ``data``: TLS undone, or ``data`` itself on a plain connection."""
+        server = self.server
+        if self._sniffing:
+            self._sniffing = False
+            if data[0] == TLS_HANDSHAKE:
+                self._tls = ServerTLS(server.tls)
+            elif server.tls_required:
+                self.abort(ProtocolError.code, "this server requires TLS: connect with TLS "
+                           "(the Python clients: tls=True)")
+                return b""
+            else:
+                return data
+        tls = self._tls
+        try:
+            plain = tls.receive(data)
+        except ssl.SSLError as exc:
+            log.info("TLS with %s failed: %s", self.peer, exc.reason or exc)
+            self.closing = True
+            self.transport.write(tls.pending())  # the alert saying why, if any
+            self.transport.close()
+            return b""
+        handshake = tls.pending()
+        if handshake:
+            self.transport.write(handshake)
+        if tls.closed:
+            self.eof_received()
+        return plain
 
     def eof_received(self) -> bool:  # noqa: D102
         # Half-close: answer everything received, then close.
@@ -232,7 +275,9 @@ class Connection(asyncio.Protocol):
         if kind is Ping:
             self.send(Pong(msg.id))
         elif kind is GetStats:
-            if alloc is None:
+            if not self.scope.admin:
+                self.send(Stats(msg.id, server.health()))
+            elif alloc is None:
                 self.send(Stats(msg.id, dict(server.stats(), metrics=server.metrics.summary())))
             else:
                 self._call(msg.id, server.metrics.stats(), self._stats_reply)
@@ -240,39 +285,65 @@ class Connection(asyncio.Protocol):
             if alloc is None:
                 self.send(BatchList(msg.id, []))
             else:
-                self._call(msg.id, alloc.batches(), self._batches_reply)
+                self._call(msg.id, alloc.batches(client_id=self.scope.client_id),
+                           self._batches_reply)
         elif kind is Expire:
             if alloc is None:
                 self.send(Expired(msg.id, False))
             elif server.draining:
                 self.send(Error(msg.id, Unavailable.code, "the server is shutting down", True))
             else:
-                self._call(msg.id, alloc.expire(msg.batch_id), self._expired_reply)
+                self._call(msg.id, alloc.expire(msg.batch_id, client_id=self.scope.client_id),
+                           self._expired_reply)
 
     def _hello(self, msg: Hello) -> None:
         server = self.server
         if self.authenticated:
-            self.send(Error(msg.id, ProtocolError.code, "already authenticated", False))
+            self.abort(ProtocolError.code, "hello sent twice on one connection")
             return
         if msg.version != PROTOCOL_VERSION:
             self.abort(ProtocolError.code,
                        f"unsupported protocol version {msg.version}; "
                        f"this server speaks {PROTOCOL_VERSION}")
             return
-        if server.auth_blocked(self.peer):
-            self.abort(AuthenticationFailed.code, "too many wrong tokens from this address")
+        # A correct token is welcomed at once, whatever its address sent before.
+        scope = server.auth.lookup(msg.token)
+        if scope is not None:
+            self._welcome(msg.id, scope)
             return
-        if hmac.compare_digest(msg.token.encode(), server.token):
-            self.authenticated = True
-            limits = server.limits
-            self.send(Welcome(msg.id, PROTOCOL_VERSION, f"ango/{__version__}", limits.max_frame,
-                              limits.max_in_flight, limits.idle_timeout))
-            return
-        server.auth_failed(self.peer)
-        # Answer late, and read nothing more meanwhile: guessing is slow.
+        # Not known now: maybe a client token made a moment ago. Read nothing
+        # more until the reload (rate-limited by the authenticator) says.
         self._pause(_PAUSE_AUTH)
-        server.loop.call_later(server.limits.auth_failure_delay, self.abort,
-                               AuthenticationFailed.code, "wrong token")
+        waiter = asyncio.ensure_future(server.auth.authenticate(msg.token))
+        waiter.add_done_callback(partial(self._authenticated, msg))
+
+    def _authenticated(self, msg: Hello, waiter: asyncio.Future[Scope | None]) -> None:
+        scope = None if waiter.cancelled() or waiter.exception() else waiter.result()
+        if self.closing:
+            return
+        if scope is not None:
+            self._welcome(msg.id, scope)
+            self._unpause(_PAUSE_AUTH)
+            return
+        self._refuse(msg)
+
+    def _welcome(self, request_id: int, scope: Scope) -> None:
+        server = self.server
+        self.authenticated = True
+        self.scope = scope
+        server.authenticated_or_gone(self)
+        limits = server.limits
+        self.send(Welcome(request_id, PROTOCOL_VERSION, f"ango/{__version__}", limits.max_frame,
+                          limits.max_in_flight, limits.idle_timeout))
+
+    def _refuse(self, msg: Hello) -> None:
+        server = self.server
+        delay = server.auth_failed(self.peer)
+        # Answer late, and read nothing more meanwhile: the connection keeps its
+        # slot in its address's budget, so guessing is slow.
+        self._pause(_PAUSE_AUTH)
+        reason = "wrong token" if msg.token else "no token"
+        server.loop.call_later(delay, self.abort, AuthenticationFailed.code, reason)
 
     # --- operations --------------------------------------------------------------
 
@@ -290,8 +361,15 @@ class Connection(asyncio.Protocol):
             return
         # The allocator answers with a future (batched to its shards per loop
         # pass); a coroutine would need a task, which costs more per claim.
+        client_id = msg.client_id
+        if self.scope.client_id is not None:
+            try:
+                client_id = self.scope.claim_client(msg.batch_id, client_id)
+            except AngoError as exc:
+                self.send(error_frame(msg.id, exc))
+                return
         waiter = alloc.claim(
-            msg.batch_id, msg.customer_id, client_id=msg.client_id, request_id=msg.request_id)
+            msg.batch_id, msg.customer_id, client_id=client_id, request_id=msg.request_id)
         if _iscoroutine(waiter):
             waiter = server.loop.create_task(waiter)
         self._started()
@@ -386,7 +464,7 @@ class Connection(asyncio.Protocol):
             out = self._out
             # The transport may keep a view of the buffer: hand it over, start a new one.
             self._out = bytearray()
-            self.transport.write(out)
+            self.transport.write(out if self._tls is None else self._tls.wrap(out))
         if self._eof and not self.in_flight and not self._paused:  # a partial frame never completes
             self.closing = True
             self.transport.close()  # after what is buffered has been written
@@ -396,9 +474,13 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         log.debug("closing connection from %s: %s", self.peer, message)
-        append_frame(self._out, Error(None, code, message, retryable))
-        self.flush()
+        tls = self._tls
+        if tls is None or tls.ready:  # mid-handshake, there is no way to say why
+            append_frame(self._out, Error(None, code, message, retryable))
+            self.flush()
         self.closing = True
+        if tls is not None:
+            self.transport.write(tls.close_notify())
         self.transport.close()
 
     def _pause(self, reason: int) -> None:
@@ -435,13 +517,21 @@ class ProtocolServer:
     """
 
     def __init__(self, allocator: AllocatorLike | None, *, token: str,
-                 limits: Limits | None = None, metrics: Metrics | None = None) -> None:
+                 limits: Limits | None = None, metrics: Metrics | None = None,
+                 authenticator: Authenticator | None = None,
+                 tls: ssl.SSLContext | None = None, tls_required: bool = True) -> None:
         if not token:
             raise ValueError("a token is required")
         self.allocator = allocator
         self.metrics = metrics or Metrics(allocator)
-        self.token = token.encode()
+        # Client tokens live in the allocator's database; without one, only the admin token.
+        self._own_auth = authenticator is None
+        self.auth = authenticator or Authenticator(token, getattr(allocator, "dsn", None))
         self.limits = limits or Limits()
+        #: Server-side TLS context (``tls.server_context``); None: plain text only.
+        self.tls = tls
+        #: With a context: refuse plain-text connections (else accept both).
+        self.tls_required = tls is not None and tls_required
         self.loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
         self.connections_accepted = 0
@@ -453,7 +543,11 @@ class ProtocolServer:
         self.started = time.time()
         self._server: asyncio.Server | None = None
         self._dirty: list[Connection] = []
-        self._auth_failures: dict[str, list[float]] = {}
+        # Per address: (wrong tokens in a row, the time of the last), oldest first.
+        self._auth_failures: dict[str, tuple[int, float]] = {}
+        # Connections without a good hello yet, oldest first, and how many per address.
+        self._unauthenticated: dict[Connection, None] = {}
+        self._unauthenticated_from: dict[str, int] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     @property
@@ -463,6 +557,8 @@ class ProtocolServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 7878) -> tuple[str, int]:
         """Start listening; return the address bound (``port=0`` picks a free port)."""
+        if self._own_auth:
+            await self.auth.start()
         self._server = await self.loop.create_server(
             lambda: Connection(self), host, port, backlog=1024, reuse_address=True)
         self._schedule_sweep()
@@ -485,6 +581,16 @@ class ProtocolServer:
         for conn in dirty:
             conn.flush()
 
+    def health(self) -> dict[str, Any]:
+        """What ``stats`` tells a client token: whether the server is up, no counters
+        (they would tell one client of the others' traffic)."""
+        return {
+            "protocol_version": PROTOCOL_VERSION,
+            "noop": self.noop,
+            "draining": self.draining,
+            "uptime_s": round(time.time() - self.started, 3),
+        }
+
     def stats(self) -> dict[str, Any]:
         """The server's own counters."""
         return {
@@ -492,6 +598,7 @@ class ProtocolServer:
             "noop": self.noop,
             "connections": len(self.connections),
             "connections_accepted": self.connections_accepted,
+            "unauthenticated": len(self._unauthenticated),
             "requests": self.requests,
             "claims_served": self.claims_served,
             "in_flight": self.in_flight,
@@ -499,21 +606,66 @@ class ProtocolServer:
             "uptime_s": round(time.time() - self.started, 3),
         }
 
+    # --- connections not yet authenticated ------------------------------------------
+
+    def admit_unauthenticated(self, conn: Connection) -> bool:
+        """Count a new connection against the budget of those without a good hello.
+
+        False when its address already has its share waiting. When the server-wide
+        budget is full, the oldest waiting connection is closed to make room: a
+        flood of silent connections then churns itself, and a client that sends
+        its ``hello`` promptly is served (until then it holds only a small slot).
+        """
+        limits = self.limits
+        address = conn.peer
+        waiting = self._unauthenticated_from.get(address, 0)
+        if waiting >= limits.max_unauthenticated_per_address:
+            return False
+        if len(self._unauthenticated) >= limits.max_unauthenticated:
+            oldest = next(iter(self._unauthenticated))
+            self.authenticated_or_gone(oldest)
+            oldest.abort(Unavailable.code, "too many connections waiting for hello",
+                         retryable=True)
+        self._unauthenticated[conn] = None
+        self._unauthenticated_from[address] = waiting + 1
+        return True
+
+    def authenticated_or_gone(self, conn: Connection) -> None:
+        """``conn`` no longer counts against the unauthenticated budget (idempotent)."""
+        if conn not in self._unauthenticated:
+            return
+        del self._unauthenticated[conn]
+        address = conn.peer
+        left = self._unauthenticated_from[address] - 1
+        if left:
+            self._unauthenticated_from[address] = left
+        else:
+            del self._unauthenticated_from[address]
+
     # --- failed tokens -------------------------------------------------------------
 
-    def auth_failed(self, address: str) -> None:
-        """Count a wrong token from ``address`` (and log it, rate-limited)."""
-        self._auth_failures.setdefault(address, []).append(self.loop.time())
-        self.metrics.auth_failed(PROTOCOL, address)
+    def auth_failed(self, address: str) -> float:
+        """Count a wrong token from ``address``; return how long to wait before answering.
 
-    def auth_blocked(self, address: str) -> bool:
-        """True when ``address`` sent too many wrong tokens lately."""
-        failures = self._auth_failures.get(address)
-        if not failures:
-            return False
-        horizon = self.loop.time() - self.limits.auth_failure_window
-        failures[:] = [t for t in failures if t > horizon]
-        return len(failures) >= self.limits.max_auth_failures
+        The wait grows with the wrong tokens the address sent lately; the count
+        is forgotten ``auth_failure_window`` seconds after the last one.
+        """
+        self.metrics.auth_failed(PROTOCOL, address)  # counted, and logged rate-limited
+        limits = self.limits
+        now = self.loop.time()
+        count, last = self._auth_failures.pop(address, (0, now))
+        if now - last > limits.auth_failure_window:
+            count = 0
+        failures = self._auth_failures
+        failures[address] = (count + 1, now)  # moved to the end: the most recent
+        if len(failures) > limits.max_auth_failure_addresses:
+            del failures[next(iter(failures))]
+        return min(limits.auth_failure_max_delay, limits.auth_failure_delay * (count + 1))
+
+    def auth_failures(self, address: str) -> int:
+        """Wrong tokens ``address`` sent lately (counted towards its delay)."""
+        count, last = self._auth_failures.get(address, (0, 0.0))
+        return count if self.loop.time() - last <= self.limits.auth_failure_window else 0
 
     # --- timeouts ----------------------------------------------------------------
 
@@ -525,17 +677,27 @@ class ProtocolServer:
     def _sweep(self) -> None:
         now = self.loop.time()
         limits = self.limits
+        opened_before = now - limits.handshake_timeout
+        for conn in list(self._unauthenticated):  # oldest first
+            if conn.opened > opened_before:
+                break
+            if not conn._paused & _PAUSE_AUTH:  # a wrong token is closed by its own timer
+                conn.abort(AuthenticationFailed.code, "no hello in time")
+        is_live = self.auth.is_live
         for conn in list(self.connections):
-            if conn.closing:
+            if conn.closing or not conn.authenticated:
                 continue
-            if not conn.authenticated:
-                if now - conn.opened > limits.handshake_timeout and not conn._paused & _PAUSE_AUTH:
-                    conn.abort(AuthenticationFailed.code, "no hello in time")
+            if not is_live(conn.scope):
+                conn.abort(AuthenticationFailed.code, "the token was revoked")
             elif conn.in_flight == 0 and now - conn.last_active > limits.idle_timeout:
                 conn.abort(Unavailable.code, "idle timeout", retryable=True)
         horizon = now - limits.auth_failure_window
-        for address in [a for a, ts in self._auth_failures.items() if not ts or ts[-1] <= horizon]:
-            del self._auth_failures[address]
+        failures = self._auth_failures
+        while failures:  # oldest first: stop at the first one still counting
+            address = next(iter(failures))
+            if failures[address][1] > horizon:
+                break
+            del failures[address]
         self._schedule_sweep()
 
     # --- shutdown ----------------------------------------------------------------
@@ -568,5 +730,7 @@ class ProtocolServer:
             conn.transport.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._own_auth:
+            await self.auth.close()
         if self._server is not None:
             await self._server.wait_closed()

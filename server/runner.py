@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import platform
 import signal
@@ -16,6 +17,7 @@ from ango.health import describe_dsn
 from .limits import Limits
 from .metrics import Metrics
 from .protocol_server import ProtocolServer
+from .tls import server_context
 
 log = logging.getLogger("ango.server")
 
@@ -33,13 +35,19 @@ async def serve_async(
     stop: asyncio.Event | None = None,
     on_ready: Callable[[ProtocolServer, str, int], Any] | None = None,
     handle_signals: bool = True,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_required: bool = True,
 ) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down cleanly.
 
     Shutting down stops accepting, answers the claims in flight, closes every
     connection and then the allocator (its shard processes). ``noop`` serves
-    without an allocator (claims answered with a constant code).
+    without an allocator (claims answered with a constant code). With
+    ``tls_cert``/``tls_key`` the port speaks TLS, and plain text only if not
+    ``tls_required``.
     """
+    tls = server_context(tls_cert, tls_key or tls_cert) if tls_cert else None
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     if noop:
@@ -51,8 +59,13 @@ async def serve_async(
     async with allocator_cm as alloc:
         # One Metrics per server, shared by every front end (binary protocol, HTTP).
         metrics = Metrics(alloc)
-        server = ProtocolServer(alloc, token=token, limits=limits, metrics=metrics)
+        server = ProtocolServer(alloc, token=token, limits=limits, metrics=metrics, tls=tls,
+                                tls_required=tls_required)
         bound_host, bound_port = await server.start(host, port)
+        if not server.tls_required and not is_loopback(host):
+            log.warning("listening on %s without %s: tokens and codes cross the network in "
+                        "clear text; pass --tls-cert/--tls-key", host,
+                        "TLS" if tls is None else "requiring TLS")
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
@@ -67,6 +80,16 @@ async def serve_async(
                     loop.remove_signal_handler(sig)
             await server.shutdown()
     log.info("ango: stopped")
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or every interface ("", "0.0.0.0" parse; names do not)
 
 
 def serve(**kwargs: Any) -> None:

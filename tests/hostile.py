@@ -116,6 +116,66 @@ class WellBehaved:
         return len(self.answers)
 
 
+class SilentFlood:
+    """Connections that never send ``hello``, re-opened as soon as the server closes them.
+
+    ``sources`` are local addresses to connect from (any of 127.0.0.0/8 works on
+    Linux), ``per_source`` connections from each, held open on a thread until
+    the flood is stopped. :attr:`opened` counts every connection made.
+    """
+
+    def __init__(self, port: int, sources: list[str], per_source: int) -> None:
+        self.port, self.sources, self.per_source = port, sources, per_source
+        self.opened = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> SilentFlood:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _open(self, source: str) -> socket.socket | None:
+        try:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=5,
+                                            source_address=(source, 0))
+        except OSError:
+            return None
+        self.opened += 1
+        sock.setblocking(False)
+        return sock
+
+    def _run(self) -> None:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        for source in self.sources:
+            for _ in range(self.per_source):
+                if (sock := self._open(source)) is not None:
+                    sel.register(sock, selectors.EVENT_READ, source)
+        while not self._stop.is_set():
+            for key, _ in sel.select(timeout=0.02):
+                sock = key.fileobj
+                try:
+                    data = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if data:
+                    continue  # the server says why it closes; the close follows
+                sel.unregister(sock)
+                sock.close()
+                if (sock := self._open(key.data)) is not None:  # re-open it at once
+                    sel.register(sock, selectors.EVENT_READ, key.data)
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()
+        sel.close()
+
+
 # --- strategies -------------------------------------------------------------------
 
 ids = st.one_of(st.integers(0, 2**64 - 1), st.integers(-2**63, -1))

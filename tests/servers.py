@@ -57,8 +57,9 @@ class InProcessServer:
     """
 
     def __init__(self, allocator: Any = None, *, token: str = TOKEN, limits: Limits | None = None,
-                 port: int = 0) -> None:
+                 port: int = 0, **server_options: Any) -> None:
         self.token = token
+        self._options = server_options  # more ProtocolServer arguments (tls, ...)
         self._allocator = allocator
         self._limits = limits
         self._port = port
@@ -103,7 +104,8 @@ class InProcessServer:
             alloc = await alloc_cm.__aenter__()
         self.allocator = alloc
         try:
-            self.server = ProtocolServer(alloc, token=self.token, limits=self._limits)
+            self.server = ProtocolServer(alloc, token=self.token, limits=self._limits,
+                                         **self._options)
             await self.server.start("127.0.0.1", self._port)
             self._ready.set_result(None)
             await self._stop.wait()

@@ -14,12 +14,12 @@ import time
 
 import psycopg
 import pytest
-from ango.server import Limits
+from ango.server import NOOP_CODE, Limits
 
 import ango
 from ango.audit import violations
 from ango.protocol import PROTOCOL_VERSION, Claim, Code, Error, Hello, Ping, Pong, encode_frame
-from tests.hostile import module_dsn  # noqa: F401 (a fixture)
+from tests.hostile import SilentFlood, module_dsn  # noqa: F401 (a fixture)
 from tests.servers import TOKEN, InProcessServer, connect, hello, new_batch, recv, send
 
 
@@ -64,13 +64,14 @@ def batch(module_dsn):  # noqa: F811
 
 def test_a_brute_force_of_wrong_tokens_lets_none_in_issues_nothing_and_stalls_nobody(
         module_dsn, batch):  # noqa: F811
-    limits = Limits(auth_failure_delay=2.0, max_auth_failures=20)
+    limits = Limits(auth_failure_delay=0.5, auth_failure_max_delay=2.0)
     with InProcessServer(lambda: ango.Allocator(module_dsn, shards=2), limits=limits) as srv:
         good = connect(srv.port, timeout=30)
         assert hello(good).__class__.__name__ == "Welcome"
         attackers = []
         for token in guesses(300):
-            sock = connect(srv.port, timeout=30)
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30,
+                                            source_address=("127.0.0.2", 0))
             # Each guess comes with claims, in case one slipped through.
             sock.sendall(encode_frame(Hello(1, PROTOCOL_VERSION, token))
                          + b"".join(encode_frame(Claim(i, batch, "mallory", None, f"m{i}"))
@@ -80,19 +81,35 @@ def test_a_brute_force_of_wrong_tokens_lets_none_in_issues_nothing_and_stalls_no
         answers = pipelined_claims(good, batch, 300, "good-")
         assert all(type(a) is Code for a in answers)
         assert any(pending(s) for s in attackers)
+        # A correct token from the attacker's own address is never refused: at worst it
+        # waits (retryable unavailable) for a slot among those its address holds.
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=30,
+                                          source_address=("127.0.0.2", 0)) as same_address:
+                answer = hello(same_address)
+            if type(answer) is not Error:
+                break
+            assert answer.code == "unavailable" and time.monotonic() < deadline
+            time.sleep(0.1)
+        assert answer.__class__.__name__ == "Welcome"
         refusals = []
         for sock in attackers:
             refusal = recv(sock)
             assert type(refusal) is Error and refusal.id is None
-            assert refusal.code == "unauthorized"
-            refusals.append(refusal.message)
+            # Beyond its budget of connections waiting for hello, the address is refused at once.
+            assert refusal.code in ("unauthorized", "unavailable")
+            refusals.append(refusal.code)
             with pytest.raises((ConnectionError, OSError)):
                 recv(sock)  # closed: nothing after the hello was read
             sock.close()
-        # Only max_auth_failures guesses were even compared; the rest were refused at once.
-        assert refusals.count("wrong token") <= limits.max_auth_failures
+        # Only the address's budget of connections was compared at a time, the rest
+        # refused at once; every comparison was counted.
+        compared = refusals.count("unauthorized")
+        assert compared >= limits.max_unauthenticated_per_address
+        assert srv.call(lambda: srv.server.auth_failures("127.0.0.2")) == compared
         assert len(refusals) == 300
-        # The authenticated connection outlives the block on its own address.
+        # The authenticated connection is served throughout.
         send(good, Ping(9))
         assert recv(good) == Pong(9)
         good.close()
@@ -140,6 +157,40 @@ def test_a_flood_of_connections_beyond_the_maximum_harms_no_connected_client(
         - issued_to(module_dsn, "flood-late") == codes
     with psycopg.connect(module_dsn) as conn:
         assert violations(conn) == []
+
+
+def served_meanwhile(port: int, clients: int = 20) -> None:
+    """New clients connect, authenticate and claim one after the other (each must succeed)."""
+    for i in range(clients):
+        with ango.Client(port=port, token=TOKEN, timeout=15) as client:
+            assert client.claim("5f0c6e2a-3b7d-4c1e-9a8f-2d4b6c8e0a1f", f"c{i}") == NOOP_CODE
+
+
+def test_a_flood_of_silent_connections_from_one_address_locks_no_new_client_out():
+    limits = Limits(max_connections=100, max_unauthenticated_per_address=8)
+    with InProcessServer(None, limits=limits) as srv:
+        veteran = ango.Client(port=srv.port, token=TOKEN, timeout=15)
+        with SilentFlood(srv.port, ["127.0.0.2"], 150) as flood:
+            while flood.opened < 150:
+                time.sleep(0.01)
+            served_meanwhile(srv.port)
+            assert veteran.claim("5f0c6e2a-3b7d-4c1e-9a8f-2d4b6c8e0a1f", "v") == NOOP_CODE
+            held = srv.call(lambda: srv.server.stats()["unauthenticated"])
+        veteran.close()
+    assert held <= limits.max_unauthenticated_per_address
+
+
+def test_a_flood_of_silent_connections_from_many_addresses_locks_no_new_client_out():
+    limits = Limits(max_connections=200, max_unauthenticated=32,
+                    max_unauthenticated_per_address=4)
+    sources = [f"127.0.0.{i}" for i in range(2, 42)]  # 40 addresses x 4 > 32
+    with InProcessServer(None, limits=limits) as srv:
+        with SilentFlood(srv.port, sources, 4) as flood:
+            while flood.opened < 160:
+                time.sleep(0.01)
+            served_meanwhile(srv.port)
+            held = srv.call(lambda: srv.server.stats()["unauthenticated"])
+    assert held <= limits.max_unauthenticated
 
 
 def test_a_client_that_never_reads_is_held_back_and_issues_only_what_it_asked(module_dsn):  # noqa: F811

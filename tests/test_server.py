@@ -34,6 +34,7 @@ from ango.protocol import (
     Welcome,
     encode_frame,
 )
+from tests.hostile import raw
 from tests.servers import (
     ANGO,
     TOKEN,
@@ -147,15 +148,55 @@ def test_another_protocol_version_is_refused(noop):
         assert closed_by_peer(sock)
 
 
-def test_an_address_with_too_many_wrong_tokens_is_refused_even_with_the_right_one():
-    limits = Limits(max_auth_failures=3, auth_failure_delay=0)
+def test_a_hello_whose_optional_client_is_nil_is_welcomed(noop):
+    with connect(noop.port) as sock:
+        sock.sendall(raw({"type": "hello", "id": 1, "version": PROTOCOL_VERSION, "token": TOKEN,
+                          "client": None}))
+        assert type(recv(sock)) is Welcome
+
+
+def test_a_hello_without_a_token_is_refused_unauthorized_after_the_delay():
+    with InProcessServer(None, limits=Limits(auth_failure_delay=1.0)) as srv, \
+            connect(srv.port) as sock:
+        sock.sendall(raw({"type": "hello", "id": 1, "version": PROTOCOL_VERSION}))
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):  # not at once: a missing token waits like a wrong one
+            sock.recv(1, socket.MSG_PEEK)
+        sock.settimeout(10)
+        resp = recv(sock)
+        assert resp.id is None and resp.code == "unauthorized" and "no token" in resp.message
+        assert closed_by_peer(sock)
+
+
+def test_a_second_hello_is_a_protocol_error_and_closes_the_connection(noop):
+    with connect(noop.port) as sock:
+        assert type(hello(sock)) is Welcome
+        send(sock, Hello(5, PROTOCOL_VERSION, TOKEN), Ping(6))
+        resp = recv(sock)
+        assert resp.id is None and resp.code == "protocol" and "hello" in resp.message
+        assert closed_by_peer(sock)  # the ping after it is never answered
+
+
+def test_a_hello_with_a_field_of_the_wrong_type_is_a_protocol_error(noop):
+    with connect(noop.port) as sock:
+        sock.sendall(raw({"type": "hello", "id": 1, "version": PROTOCOL_VERSION, "token": 42}))
+        resp = recv(sock)
+        assert resp.id is None and resp.code == "protocol"
+        assert closed_by_peer(sock)
+
+
+def test_wrong_tokens_are_counted_per_address_and_never_lock_the_right_one_out():
+    limits = Limits(auth_failure_delay=0.01, auth_failure_max_delay=0.05)
     with InProcessServer(None, limits=limits) as srv:
-        for _ in range(3):
+        for _ in range(30):
             with connect(srv.port) as sock:
                 assert hello(sock, "wrong").code == "unauthorized"
+        assert srv.call(lambda: srv.server.auth_failures("127.0.0.1")) == 30
+        # Each wrong token waits longer, up to the maximum...
+        assert srv.call(lambda: srv.server.auth_failed("127.0.0.1")) == 0.05
+        # ...and the right one, from the same address, is welcomed at once.
         with connect(srv.port) as sock:
-            resp = recv(sock)  # refused on connect, before any hello
-            assert resp.code == "unauthorized"
+            assert type(hello(sock)) is Welcome
 
 
 def test_wrong_token_and_pipelined_claims_issue_nothing_from_a_real_allocator(dsn):

@@ -76,6 +76,19 @@ class Deadlines:
             raise ValueError("claim_deadline must be positive")
 
 
+#: Secrets of the server a shard does not need: it gets its DSN as ANGO_SHARD_DSN.
+#: (libpq's PGPASSWORD/PGPASSFILE stay: the DSN may rely on them.)
+SERVER_SECRETS = ("ANGO_TOKEN", "ANGO_TOKEN_FILE", "ANGO_DSN", "ANGO_DSN_FILE", "DATABASE_URL",
+                  "ANGO_TLS_KEY")
+
+
+def shard_environment(dsn: str) -> dict[str, str]:
+    """The environment of a shard process: the server's, less its secrets, plus the DSN."""
+    env = {k: v for k, v in os.environ.items() if k not in SERVER_SECRETS}
+    env["ANGO_SHARD_DSN"] = dsn
+    return env
+
+
 class ShardHandle:
     """One shard slot: its current process, link, and the claims in flight to it."""
 
@@ -119,7 +132,7 @@ class ShardHandle:
         """Start the process and wait until it has recovered its leases."""
         loop = asyncio.get_running_loop()
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ, ANGO_SHARD_DSN=self.dsn)
+        env = shard_environment(self.dsn)
         try:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "ango.shards.worker",

@@ -81,17 +81,22 @@ INSERT INTO ango.lease_cursors (batch_key, total) VALUES (%s, %s);
 SELECT b.id FROM ango.codes c JOIN ango.batches b ON b.key = c.batch_key WHERE c.code = %s;
 
 -- name: list_batches
--- Every batch with its counts; available = total - issued.
+-- Every batch (of one client, unless %(client)s is null) with its counts;
+-- available = total - issued.
 SELECT b.id, b.name, b.client_id, b.rules, b.expired, b.total,
        (SELECT count(*) FROM ango.issues i WHERE i.batch_key = b.key) AS issued,
        b.created_at
 FROM ango.batches b
+WHERE %(client)s::uuid IS NULL OR b.client_id = %(client)s::uuid
 ORDER BY b.created_at, b.key;
 
 -- name: lock_batch_for_expiry
 -- FOR UPDATE waits for every group commit holding FOR KEY SHARE on the batch,
 -- so once expiry commits no claim of the batch can commit (I5).
-SELECT key, expired FROM ango.batches WHERE id = %s FOR UPDATE;
+-- A batch of another client than %(client)s (when not null) is not found.
+SELECT key, expired FROM ango.batches
+WHERE id = %(id)s AND (%(client)s::uuid IS NULL OR client_id = %(client)s::uuid)
+FOR UPDATE;
 
 -- name: expire_batch
 -- Mark a batch expired (idempotent) and drop its leases: nothing more is issued.
@@ -396,3 +401,19 @@ SELECT b.id, b.name, b.total - (SELECT count(*) FROM ango.issues i WHERE i.batch
 FROM ango.batches b
 WHERE NOT b.expired
 ORDER BY b.key;
+-- name: insert_token
+-- A new client-scoped token: only its SHA-256 is stored.
+INSERT INTO ango.tokens (name, client_id, hash) VALUES (%s, %s, %s) RETURNING created_at;
+
+-- name: list_tokens
+-- Every token, live and revoked, oldest first (never the hash).
+SELECT name, client_id, created_at, revoked_at FROM ango.tokens ORDER BY created_at, id;
+
+-- name: revoke_token
+-- Revoke the live token of that name; no row when there is none.
+UPDATE ango.tokens SET revoked_at = clock_timestamp()
+WHERE name = %s AND revoked_at IS NULL RETURNING id;
+
+-- name: live_tokens
+-- What the server checks tokens against, reloaded every second.
+SELECT id, hash, name, client_id FROM ango.tokens WHERE revoked_at IS NULL;
