@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import make_conninfo
 
 import ango
+from ango.cli import EXIT_UNAVAILABLE
 from ango.client import Client
 from ango.errors import AuthenticationFailed, BatchExhausted
 from ango.health import describe_dsn
@@ -244,7 +245,7 @@ def test_ango_stats_prints_a_table_and_json(dsn, tmp_path):
     assert "unauthorized" in wrong.stderr
     gone = subprocess.run([*args, "--timeout", "0.5"], capture_output=True, text=True, env=env,
                           timeout=60)
-    assert gone.returncode == 1 and "Traceback" not in gone.stderr
+    assert gone.returncode == EXIT_UNAVAILABLE and "Traceback" not in gone.stderr
     assert "unavailable" in gone.stderr
 
 
