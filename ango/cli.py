@@ -194,15 +194,35 @@ def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: i
 @_data_dir_option
 def claim(batch_id: str, customer_id: str, client_id: str | None, request_id: str | None,
           host: str, port: int, token: str | None, timeout: float, data_dir: str | None) -> None:
-    """Claim a code of BATCH_ID for CUSTOMER_ID from a running `ango serve`; print it."""
-    from ango.client import Client
+    """Claim a code of BATCH_ID for CUSTOMER_ID from a running `ango serve`; print it.
+
+    Exit status: 0 the code printed, 1 refused (no such batch, expired,
+    exhausted, rule, bad input), 2 usage, 3 no server listening, 4 no answer in
+    time (the claim may still be issued: retry with the --request-id printed),
+    5 no token or a wrong one.
+    """
+    from ango.client import Client, ServerUnreachable
+    from ango.errors import AuthenticationFailed, ConfigurationError, Unavailable
 
     try:
         with Client(host, port, token, timeout, data_dir=data_dir) as client:
             code = client.claim(batch_id, customer_id, client_id=client_id, request_id=request_id)
+    except ServerUnreachable as exc:
+        _claim_failed(f"{exc.code}: {exc}", 3)
+    except Unavailable as exc:
+        retry = f"; it may still be issued: retry with --request-id {exc.request_id}" \
+            if exc.request_id else ""
+        _claim_failed(f"{exc.code}: {exc}{retry}", 4)
+    except (AuthenticationFailed, ConfigurationError) as exc:
+        _claim_failed(f"{exc.code}: {exc}", 5)
     except AngoError as exc:
-        raise click.ClickException(f"{exc.code}: {exc}") from None
+        _claim_failed(f"{exc.code}: {exc}", 1)
     click.echo(code)
+
+
+def _claim_failed(message: str, status: int) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(status)
 
 
 @main.command()

@@ -23,7 +23,6 @@ from hypothesis import strategies as st
 
 import ango
 from ango.audit import violations
-from ango.errors import ProtocolError
 from ango.protocol import (
     MAX_FRAME,
     PROTOCOL_VERSION,
@@ -270,12 +269,14 @@ def lying_server():
     listener.close()
 
 
-def test_clients_raise_protocol_error_for_an_answer_that_is_not_utf8(lying_server):
-    with pytest.raises(ProtocolError):
-        ango.Client(port=lying_server, token=TOKEN, timeout=2)
+def test_clients_treat_an_answer_that_is_not_utf8_as_lost_never_as_definitive(lying_server):
+    """A frame a client cannot decode drops the connection; what was pending is retried,
+    then reported as the retryable Unavailable (issue 9, item 3), never as ProtocolError."""
+    with pytest.raises(ango.Unavailable):
+        ango.Client(port=lying_server, token=TOKEN, timeout=1)
 
     async def go() -> None:
-        await ango.AsyncClient.connect(port=lying_server, token=TOKEN, timeout=2)
+        await ango.AsyncClient.connect(port=lying_server, token=TOKEN, timeout=1)
 
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ango.Unavailable):
         asyncio.run(go())
