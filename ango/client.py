@@ -514,35 +514,32 @@ class AsyncClient:
         """
         rid = request_id or new_request_id()
         try:
-            return await self._claim(batch_id, customer_id, client_id, rid)
+            conn = self._conn
+            if conn is not None and not conn.closed:  # the hot path: no closure, no retry loop
+                loop = conn.loop
+                deadline = loop.time() + self.timeout
+                try:
+                    resp = await conn.request(
+                        Claim(conn.new_id(), batch_id, customer_id, client_id, rid), deadline)
+                except TimeoutError:
+                    raise Unavailable(f"no answer from {self.host}:{self.port} within "
+                                      f"{self.timeout} s") from None
+                except (_ConnectionLost, OSError):
+                    pass  # retried below, with the same request id
+                else:
+                    if type(resp) is Code:
+                        return resp.code
+                    if type(resp) is not Error:
+                        raise _unexpected(resp)
+                    exc = _failure(resp)
+                    if not exc.retryable:
+                        raise exc
+            resp = await self._request(lambda i: Claim(i, batch_id, customer_id, client_id, rid),
+                                       Code)
+            return resp.code
         except AngoError as exc:
             exc.request_id = rid
             raise
-
-    async def _claim(self, batch_id: str, customer_id: str, client_id: str | None,
-                     rid: str) -> str:
-        conn = self._conn
-        if conn is not None and not conn.closed:  # the hot path: no closure, no retry loop
-            loop = conn.loop
-            deadline = loop.time() + self.timeout
-            try:
-                resp = await conn.request(
-                    Claim(conn.new_id(), batch_id, customer_id, client_id, rid), deadline)
-            except TimeoutError:
-                raise Unavailable(f"no answer from {self.host}:{self.port} within "
-                                  f"{self.timeout} s") from None
-            except (_ConnectionLost, OSError):
-                pass  # retried below, with the same request id
-            else:
-                if type(resp) is Code:
-                    return resp.code
-                if type(resp) is not Error:
-                    raise _unexpected(resp)
-                exc = _failure(resp)
-                if not exc.retryable:
-                    raise exc
-        resp = await self._request(lambda i: Claim(i, batch_id, customer_id, client_id, rid), Code)
-        return resp.code
 
     async def batches(self) -> list[dict[str, Any]]:
         """Every batch with its counts, as dicts (fields as in docs/PROTOCOL.md), page by page."""
