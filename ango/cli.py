@@ -205,7 +205,8 @@ def claim(batch_id: str, customer_id: str, client_id: str | None, request_id: st
     from ango.errors import AuthenticationFailed, ConfigurationError, Unavailable
 
     try:
-        with Client(host, port, token, timeout, data_dir=data_dir) as client:
+        with Client(host, port, token, timeout, data_dir=data_dir,
+                    wait_for_server=False) as client:
             code = client.claim(batch_id, customer_id, client_id=client_id, request_id=request_id)
     except ServerUnreachable as exc:
         _claim_failed(f"{exc.code}: {exc}", 3)

@@ -10,8 +10,9 @@ timed out may still commit, and re-sending that id later returns its code.
 
 A frame from the server that is over the limit or undecodable makes the client
 drop the connection and treat what was pending as lost (retried, never a
-definitive answer). A server that refuses the very first connection fails at
-once (:class:`ServerUnreachable`) instead of being retried until ``timeout``.
+definitive answer). With ``wait_for_server=False`` a server that refuses the
+very first connection fails at once (:class:`ServerUnreachable`) instead of
+being waited for until ``timeout`` (which suits a server still starting).
 """
 
 from __future__ import annotations
@@ -169,10 +170,13 @@ class Client:
 
     ``token`` defaults to ``ANGO_TOKEN``, else the token file in the data
     directory. ``timeout`` bounds every call, retries included.
+    ``wait_for_server=False``: a refused first connection raises
+    ServerUnreachable at once rather than being retried until ``timeout``.
     """
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
-                 timeout: float = 5.0, *, data_dir: str | None = None) -> None:
+                 timeout: float = 5.0, *, data_dir: str | None = None,
+                 wait_for_server: bool = True) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -183,7 +187,7 @@ class Client:
         self._max_frame = MAX_FRAME
         self._lock = threading.Lock()
         self._closed = False
-        self._connected_once = False
+        self._fail_refused = not wait_for_server  # until a connection succeeded
         with self._lock:
             self._retrying(lambda: None, time.monotonic() + timeout)
 
@@ -256,7 +260,7 @@ class Client:
             except (OSError, _ConnectionLost, Unavailable) as exc:
                 if not isinstance(exc, Unavailable):
                     self._drop()
-                if isinstance(exc, OSError) and not self._connected_once:
+                if isinstance(exc, OSError) and self._fail_refused:
                     unreachable = _unreachable(exc, self.host, self.port)
                     if unreachable is not None:
                         raise unreachable from None
@@ -277,7 +281,7 @@ class Client:
         self._buf = bytearray()
         self._next_id = 0
         self._max_frame = MAX_FRAME
-        self._connected_once = True  # it listens: later refusals are a restart, retried
+        self._fail_refused = False  # it listens: later refusals are a restart, retried
         try:
             resp = self._round_trip(lambda i: Hello(i, PROTOCOL_VERSION, self._token, _NAME),
                                     deadline)
@@ -482,7 +486,8 @@ class AsyncClient:
     """
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
-                 timeout: float = 5.0, *, data_dir: str | None = None) -> None:
+                 timeout: float = 5.0, *, data_dir: str | None = None,
+                 wait_for_server: bool = True) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -490,14 +495,15 @@ class AsyncClient:
         self._conn: _Connection | None = None
         self._connecting: asyncio.Future | None = None
         self._closed = False
-        self._connected_once = False
+        self._fail_refused = not wait_for_server  # until a connection succeeded
 
     @classmethod
     async def connect(cls, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                       token: str | None = None, timeout: float = 5.0, *,
-                      data_dir: str | None = None) -> AsyncClient:
+                      data_dir: str | None = None, wait_for_server: bool = True) -> AsyncClient:
         """A connected client (the handshake done, retried until ``timeout``)."""
-        client = cls(host, port, token, timeout, data_dir=data_dir)
+        client = cls(host, port, token, timeout, data_dir=data_dir,
+                     wait_for_server=wait_for_server)
         loop = asyncio.get_running_loop()
         await client._connection(loop.time() + timeout)
         return client
@@ -641,11 +647,11 @@ class AsyncClient:
         try:
             _, conn = await asyncio.wait_for(opening, max(0.001, deadline - loop.time()))
         except OSError as exc:
-            unreachable = None if self._connected_once else _unreachable(exc, self.host, self.port)
+            unreachable = _unreachable(exc, self.host, self.port) if self._fail_refused else None
             if unreachable is not None:
                 raise unreachable from None
             raise
-        self._connected_once = True  # it listens: later refusals are a restart, retried
+        self._fail_refused = False  # it listens: later refusals are a restart, retried
         try:
             resp = await conn.request(Hello(conn.new_id(), PROTOCOL_VERSION, self._token, _NAME),
                                       deadline)

@@ -56,24 +56,29 @@ def test_ango_claim_with_no_server_fails_at_once_in_one_line_with_its_own_status
     assert f"127.0.0.1:{no_server}" in line and "connection refused" in line
 
 
-def test_both_clients_fail_at_once_when_nothing_listens(no_server):
+def test_both_clients_fail_at_once_when_nothing_listens_unless_told_to_wait(no_server):
     started = time.monotonic()
     with pytest.raises(ServerUnreachable) as caught:
-        ango.Client(port=no_server, token=TOKEN, timeout=60)
+        ango.Client(port=no_server, token=TOKEN, timeout=60, wait_for_server=False)
     assert caught.value.retryable and isinstance(caught.value, ango.Unavailable)
 
     async def go() -> None:
-        await ango.AsyncClient.connect(port=no_server, token=TOKEN, timeout=60)
+        await ango.AsyncClient.connect(port=no_server, token=TOKEN, timeout=60,
+                                       wait_for_server=False)
 
     with pytest.raises(ServerUnreachable):
         asyncio.run(go())
 
     async def first_call() -> None:  # connecting on the first call, not in connect()
-        await ango.AsyncClient(port=no_server, token=TOKEN, timeout=60).claim(BATCH, "ann")
+        client = ango.AsyncClient(port=no_server, token=TOKEN, timeout=60, wait_for_server=False)
+        await client.claim(BATCH, "ann")
 
     with pytest.raises(ServerUnreachable):
         asyncio.run(first_call())
     assert time.monotonic() - started < 10
+    with pytest.raises(ango.Unavailable) as caught:  # by default a server starting is waited for
+        ango.Client(port=no_server, token=TOKEN, timeout=0.5)
+    assert type(caught.value) is ango.Unavailable
 
 
 def test_a_missing_token_is_reported_as_missing_with_every_place_looked_at(tmp_path):
