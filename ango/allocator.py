@@ -44,7 +44,12 @@ log = logging.getLogger("ango.allocator")
 
 MAX_CUSTOMER_ID = 256
 MAX_REQUEST_ID = 128
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Control characters (Unicode category Cc) and lone surrogates (not text at all, and not
+#: storable): the characters a customer or request id must not hold (docs/PROTOCOL.md).
+_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+#: The UUID spellings accepted: 8-4-4-4-12 with hyphens or 32 digits, either case.
+_UUID_FORM = re.compile(r"[0-9a-fA-F]{8}(-?)[0-9a-fA-F]{4}\1[0-9a-fA-F]{4}\1[0-9a-fA-F]{4}\1"
+                        r"[0-9a-fA-F]{12}")
 
 
 _CANONICAL: dict[str, str] = {}  # UUID strings already parsed: batch ids repeat on every claim
@@ -57,6 +62,8 @@ def _uuid_text(value: object, what: str) -> str:
     found = _CANONICAL.get(value) if isinstance(value, str) else None
     if found is not None:
         return found
+    if isinstance(value, str) and not _UUID_FORM.fullmatch(value):
+        raise InvalidInput(f"{what} must be a UUID (8-4-4-4-12 hex digits), got {value[:80]!r}")
     text = str(parse_uuid(value, what))
     if len(_CANONICAL) >= _CANONICAL_MAX:
         _CANONICAL.clear()
@@ -71,8 +78,11 @@ def _text(value: object, what: str, limit: int) -> str:
         raise InvalidInput(f"{what} must not be empty")
     if len(value) > limit:
         raise InvalidInput(f"{what} is longer than {limit} characters")
-    if _CONTROL.search(value):
-        raise InvalidInput(f"{what} contains a control character")
+    bad = _FORBIDDEN.search(value)
+    if bad:
+        kind = "a lone surrogate" if bad.group() >= "\ud800" else "a control character"
+        raise InvalidInput(f"{what} contains {kind} (U+{ord(bad.group()):04X}) "
+                           f"at position {bad.start()}")
     return value
 
 

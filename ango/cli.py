@@ -68,8 +68,8 @@ _data_dir_option = click.option(
 class Failure(click.ClickException):
     """An AngoError as one line on stderr and the exit status for its kind."""
 
-    def __init__(self, exc: AngoError, prefix: str = "") -> None:
-        super().__init__(prefix + " ".join(str(exc).split()))
+    def __init__(self, exc: AngoError, prefix: str = "", suffix: str = "") -> None:
+        super().__init__(prefix + " ".join(str(exc).split()) + suffix)
         self.exit_code = exit_status(exc)
 
 
@@ -363,13 +363,25 @@ def _tls_context(tls: bool, tls_ca: str | None):
 def claim(batch_id: str, customer_id: str, client_id: str | None, request_id: str | None,
           host: str, port: int, token: str | None, timeout: float, tls: bool,
           tls_ca: str | None, data_dir: str | None) -> None:
-    """Claim a code of BATCH_ID for CUSTOMER_ID from a running `ango serve`; print it."""
+    """Claim a code of BATCH_ID for CUSTOMER_ID from a running `ango serve`; print it.
+
+    Exit status as for every command (README "Exit status"): 0 the code printed,
+    1 refused (expired, exhausted, rule, bad input), 3 no such batch, 4 a wrong
+    token, 5 unavailable: nothing listens (known at once) or no answer in time
+    (then the claim may still be issued: retry with the --request-id printed),
+    6 no token found.
+    """
     from ango.client import Client
+    from ango.errors import Unavailable
 
     try:
         with Client(host, port, token, timeout, data_dir=data_dir,
-                    tls=_tls_context(tls, tls_ca)) as client:
+                    tls=_tls_context(tls, tls_ca), wait_for_server=False) as client:
             code = client.claim(batch_id, customer_id, client_id=client_id, request_id=request_id)
+    except Unavailable as exc:
+        retry = (f"; it may still be issued: retry with --request-id {exc.request_id}"
+                 if getattr(exc, "request_id", None) else "")
+        raise Failure(exc, prefix=f"{exc.code}: ", suffix=retry) from None
     except AngoError as exc:
         raise Failure(exc, prefix=f"{exc.code}: ") from None
     click.echo(code)

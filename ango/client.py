@@ -5,6 +5,14 @@ embedded allocator, reconnect after a dropped connection and retry retryable
 failures (``Unavailable``, a lost connection, no answer yet) with backoff until
 ``timeout`` seconds have passed. A claim is retried with the same request id —
 the caller's, or one generated per call — so a retry never yields a second code.
+Every exception a claim raises carries that id as ``request_id``: a claim that
+timed out may still commit, and re-sending that id later returns its code.
+
+A frame from the server that is over the limit or undecodable makes the client
+drop the connection and treat what was pending as lost (retried, never a
+definitive answer). With ``wait_for_server=False`` a server that refuses the
+very first connection fails at once (:class:`ServerUnreachable`) instead of
+being waited for until ``timeout`` (which suits a server still starting).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import msgspec
 from ango.errors import (
     AngoError,
     AuthenticationFailed,
+    ConfigurationError,
     InvalidInput,
     ProtocolError,
     Unavailable,
@@ -54,10 +63,18 @@ DEFAULT_PORT = 7878
 _FIRST_BACKOFF = 0.02
 _MAX_BACKOFF = 1.0
 _NAME = "ango-python"
+#: Batches asked for per ``batches`` page (the server may send fewer: a page fits a frame).
+_PAGE = 1000
+#: The largest frame accepted whatever ``max_frame`` a server announces: memory stays bounded.
+_FRAME_CEILING = 16 * 1024 * 1024
 
 
 class _ConnectionLost(Exception):
     """The connection broke before the answer came; the request may be retried."""
+
+
+class ServerUnreachable(Unavailable):
+    """The server refused the first connection: nothing listens there (retryable later)."""
 
 
 def new_request_id() -> str:
@@ -65,12 +82,69 @@ def new_request_id() -> str:
     return os.urandom(16).hex()
 
 
-def _token(token: str | None, data_dir: str | None) -> str:
+def _token(token: str | None, data_dir: str | None) -> tuple[str, str]:
+    """The token and where it came from; ConfigurationError naming every place looked at."""
     if token:
-        return token
-    from ango.tokens import read_token
+        return token, "the token given"
+    if os.environ.get("ANGO_TOKEN"):
+        return os.environ["ANGO_TOKEN"], "ANGO_TOKEN"
+    from ango.config import read_secret
+    from ango.tokens import token_path
 
-    return read_token(data_dir) or ""
+    if os.environ.get("ANGO_TOKEN_FILE"):
+        explicit = os.environ["ANGO_TOKEN_FILE"]
+        found = read_secret(explicit, "token file")
+        if not found:
+            raise ConfigurationError(f"no token: the file {explicit} (ANGO_TOKEN_FILE) is empty")
+        return found, f"ANGO_TOKEN_FILE {explicit}"
+
+    path = token_path(data_dir)
+    try:
+        found = path.read_text().strip()
+    except FileNotFoundError:
+        raise ConfigurationError(f"no token: none given, ANGO_TOKEN is not set and {path} "
+                                 "does not exist") from None
+    except OSError as exc:
+        raise ConfigurationError(f"no token: none given, ANGO_TOKEN is not set and {path} "
+                                 f"cannot be read: {exc.strerror or exc}") from None
+    if not found:
+        raise ConfigurationError(f"no token: none given, ANGO_TOKEN is not set and {path} "
+                                 "is empty")
+    return found, str(path)
+
+
+def _refused(exc: AngoError, source: str) -> AngoError:
+    """A server's ``unauthorized`` answer, saying which token it refused."""
+    if isinstance(exc, AuthenticationFailed):
+        return AuthenticationFailed(f"{exc} (the token from {source})")
+    return exc
+
+
+def _unreachable(exc: OSError, host: str, port: int) -> ServerUnreachable | None:
+    """ServerUnreachable when ``exc`` says nothing listens at host:port (known at once)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return ServerUnreachable(f"cannot connect to {host}:{port}: connection refused "
+                                 "(is `ango serve` running there?)")
+    return None
+
+
+def _bad_frame(size: int, max_frame: int) -> _ConnectionLost | None:
+    if size > max_frame:
+        return _ConnectionLost(f"the server sent a frame of {size} bytes, over the limit of "
+                               f"{max_frame}")
+    return None
+
+
+def _accepted_frame(announced: int) -> int:
+    return max(1, min(announced, _FRAME_CEILING))
+
+
+#: What a payload that is not a valid response raises while decoding.
+_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError)
+
+
+def _undecodable(exc: Exception) -> _ConnectionLost:
+    return _ConnectionLost(f"the server sent an undecodable frame: {exc}")
 
 
 def tls_context(tls: bool | ssl.SSLContext | None) -> ssl.SSLContext | None:
@@ -108,8 +182,15 @@ def _unexpected(resp: Any) -> ProtocolError:
     return ProtocolError(f"unexpected answer from the server: {type(resp).__name__}")
 
 
-def _batches(resp: BatchList) -> list[dict[str, Any]]:
-    return [msgspec.structs.asdict(b) for b in resp.batches]
+def _add_page(resp: BatchList, into: list[dict[str, Any]], seen: set[str]) -> str | None:
+    """Append a ``batch_list`` page to ``into``; return the next page's cursor (None: done)."""
+    into.extend(msgspec.structs.asdict(b) for b in resp.batches)
+    cursor = resp.next
+    if cursor is not None:
+        if cursor in seen or not resp.batches:
+            raise ProtocolError("the server's batch_list pages do not advance")
+        seen.add(cursor)
+    return cursor
 
 
 class Client:
@@ -119,15 +200,18 @@ class Client:
     directory. ``timeout`` bounds every call, retries included. ``tls=True``
     speaks TLS and verifies the server's certificate and name (system CAs); an
     ``ssl.SSLContext`` is used as given (e.g. ``ssl.create_default_context(cafile=...)``).
+    ``wait_for_server=False``: a refused first connection raises
+    ServerUnreachable at once rather than being retried until ``timeout``.
     """
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
                  timeout: float = 5.0, *, data_dir: str | None = None,
-                 tls: bool | ssl.SSLContext | None = None) -> None:
+                 tls: bool | ssl.SSLContext | None = None,
+                 wait_for_server: bool = True) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
-        self._token = _token(token, data_dir)
+        self._token, self._token_source = _token(token, data_dir)
         self._tls = tls_context(tls)
         self._sock: socket.socket | None = None
         self._buf = bytearray()
@@ -135,6 +219,7 @@ class Client:
         self._max_frame = MAX_FRAME
         self._lock = threading.Lock()
         self._closed = False
+        self._fail_refused = not wait_for_server  # until a connection succeeded
         with self._lock:
             self._retrying(lambda: None, time.monotonic() + timeout)
 
@@ -142,14 +227,30 @@ class Client:
 
     def claim(self, batch_id: str, customer_id: str, *, client_id: str | None = None,
               request_id: str | None = None) -> str:
-        """A code of ``batch_id`` for ``customer_id``, committed before it is returned."""
+        """A code of ``batch_id`` for ``customer_id``, committed before it is returned.
+
+        Any AngoError raised has ``request_id`` set to the id sent (``request_id``
+        or the one generated): after Unavailable the claim may still commit, and
+        claiming again with that id returns its code.
+        """
         rid = request_id or new_request_id()
-        resp = self._request(lambda i: Claim(i, batch_id, customer_id, client_id, rid), Code)
+        try:
+            resp = self._request(lambda i: Claim(i, batch_id, customer_id, client_id, rid), Code)
+        except AngoError as exc:
+            exc.request_id = rid
+            raise
         return resp.code
 
     def batches(self) -> list[dict[str, Any]]:
-        """Every batch with its counts, as dicts (fields as in docs/PROTOCOL.md)."""
-        return _batches(self._request(ListBatches, BatchList))
+        """Every batch with its counts, as dicts (fields as in docs/PROTOCOL.md), page by page."""
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        cursor = None
+        while True:
+            page = self._request(lambda i, after=cursor: ListBatches(i, after, _PAGE), BatchList)
+            cursor = _add_page(page, out, seen)
+            if cursor is None:
+                return out
 
     def expire(self, batch_id: str) -> bool:
         """Expire ``batch_id``; False if it already was (also after a retry that had done it)."""
@@ -191,6 +292,10 @@ class Client:
             except (OSError, _ConnectionLost, Unavailable) as exc:
                 if not isinstance(exc, Unavailable):
                     self._drop()
+                if isinstance(exc, OSError) and self._fail_refused:
+                    unreachable = _unreachable(exc, self.host, self.port)
+                    if unreachable is not None:
+                        raise unreachable from None
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     if isinstance(exc, Unavailable):
@@ -216,15 +321,20 @@ class Client:
         self._sock = sock
         self._buf = bytearray()
         self._next_id = 0
+        self._max_frame = MAX_FRAME
+        self._fail_refused = False  # it listens: later refusals are a restart, retried
         try:
             resp = self._round_trip(lambda i: Hello(i, PROTOCOL_VERSION, self._token, _NAME),
                                     deadline)
             if type(resp) is not Welcome:
                 raise _unexpected(resp)
+        except AuthenticationFailed as exc:
+            self._drop()
+            raise _refused(exc, self._token_source) from None
         except BaseException:
             self._drop()
             raise
-        self._max_frame = resp.max_frame
+        self._max_frame = _accepted_frame(resp.max_frame)
 
     def _round_trip(self, build: Callable[[int], msgspec.Struct],
                     deadline: float | None = None) -> Any:
@@ -247,16 +357,16 @@ class Client:
             pos = 0
             while len(buf) - pos >= HEADER_SIZE:
                 (size,) = unpack_header(buf, pos)
-                if size > MAX_FRAME:
-                    raise ProtocolError(f"the server sent a frame of {size} bytes")
+                lost = _bad_frame(size, self._max_frame)
+                if lost is not None:  # the stream cannot be trusted any more: a new connection
+                    raise lost
                 stop = pos + HEADER_SIZE + size
                 if stop > len(buf):
                     break
                 try:
                     resp = response_decoder.decode(bytes(buf[pos + HEADER_SIZE:stop]))
-                except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-                    self._drop()  # what follows in the stream cannot be trusted either
-                    raise ProtocolError(f"undecodable answer from the server: {exc}") from None
+                except _UNDECODABLE as exc:
+                    raise _undecodable(exc) from None
                 pos = stop
                 if resp.id == rid:
                     self._buf = buf[pos:]
@@ -322,17 +432,15 @@ class _Connection(asyncio.Protocol):
             while end - pos >= HEADER_SIZE:
                 (size,) = unpack_header(data, pos)
                 stop = pos + HEADER_SIZE + size
-                if size > MAX_FRAME or stop > end:
-                    if size > MAX_FRAME:
-                        self.reason = ProtocolError(f"the server sent a frame of {size} bytes")
-                        self.close()
+                if size > self.max_frame or stop > end:
+                    if size > self.max_frame:  # what was pending is lost, and retried
+                        self._lose(_bad_frame(size, self.max_frame))
                         return
                     break
                 try:
                     resp = response_decoder.decode(view[pos + HEADER_SIZE:stop])
-                except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-                    self.reason = ProtocolError(f"undecodable answer from the server: {exc}")
-                    self.close()
+                except _UNDECODABLE as exc:
+                    self._lose(_undecodable(exc))
                     return
                 pos = stop
                 fut = pending.pop(resp.id, None)
@@ -343,6 +451,11 @@ class _Connection(asyncio.Protocol):
                     err = _failure(resp)
                     self.reason = _ConnectionLost(str(err)) if err.retryable else err
         self._buf = bytearray(memoryview(data)[pos:]) if pos < end else bytearray()
+
+    def _lose(self, reason: _ConnectionLost) -> None:
+        self.reason = reason
+        self._buf = bytearray()
+        self.close()
 
     def request(self, msg: msgspec.Struct, deadline: float) -> asyncio.Future:
         """Queue ``msg`` (its id already set by :meth:`new_id`); the future gets the answer."""
@@ -415,23 +528,27 @@ class AsyncClient:
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
                  timeout: float = 5.0, *, data_dir: str | None = None,
-                 tls: bool | ssl.SSLContext | None = None) -> None:
+                 tls: bool | ssl.SSLContext | None = None,
+                 wait_for_server: bool = True) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
-        self._token = _token(token, data_dir)
+        self._token, self._token_source = _token(token, data_dir)
         self._tls = tls_context(tls)
         self._conn: _Connection | None = None
         self._connecting: asyncio.Future | None = None
         self._closed = False
+        self._fail_refused = not wait_for_server  # until a connection succeeded
 
     @classmethod
     async def connect(cls, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                       token: str | None = None, timeout: float = 5.0, *,
                       data_dir: str | None = None,
-                      tls: bool | ssl.SSLContext | None = None) -> AsyncClient:
+                      tls: bool | ssl.SSLContext | None = None,
+                      wait_for_server: bool = True) -> AsyncClient:
         """A connected client (the handshake done, retried until ``timeout``)."""
-        client = cls(host, port, token, timeout, data_dir=data_dir, tls=tls)
+        client = cls(host, port, token, timeout, data_dir=data_dir, tls=tls,
+                     wait_for_server=wait_for_server)
         loop = asyncio.get_running_loop()
         await client._connection(loop.time() + timeout)
         return client
@@ -440,34 +557,52 @@ class AsyncClient:
 
     async def claim(self, batch_id: str, customer_id: str, *, client_id: str | None = None,
                     request_id: str | None = None) -> str:
-        """A code of ``batch_id`` for ``customer_id``, committed before it is returned."""
+        """A code of ``batch_id`` for ``customer_id``, committed before it is returned.
+
+        Any AngoError raised has ``request_id`` set to the id sent (``request_id``
+        or the one generated): after Unavailable the claim may still commit, and
+        claiming again with that id returns its code.
+        """
         rid = request_id or new_request_id()
-        conn = self._conn
-        if conn is not None and not conn.closed:  # the hot path: no closure, no retry loop
-            loop = conn.loop
-            deadline = loop.time() + self.timeout
-            try:
-                resp = await conn.request(
-                    Claim(conn.new_id(), batch_id, customer_id, client_id, rid), deadline)
-            except TimeoutError:
-                raise Unavailable(f"no answer from {self.host}:{self.port} within "
-                                  f"{self.timeout} s") from None
-            except (_ConnectionLost, OSError):
-                pass  # retried below, with the same request id
-            else:
-                if type(resp) is Code:
-                    return resp.code
-                if type(resp) is not Error:
-                    raise _unexpected(resp)
-                exc = _failure(resp)
-                if not exc.retryable:
-                    raise exc
-        resp = await self._request(lambda i: Claim(i, batch_id, customer_id, client_id, rid), Code)
-        return resp.code
+        try:
+            conn = self._conn
+            if conn is not None and not conn.closed:  # the hot path: no closure, no retry loop
+                loop = conn.loop
+                deadline = loop.time() + self.timeout
+                try:
+                    resp = await conn.request(
+                        Claim(conn.new_id(), batch_id, customer_id, client_id, rid), deadline)
+                except TimeoutError:
+                    raise Unavailable(f"no answer from {self.host}:{self.port} within "
+                                      f"{self.timeout} s") from None
+                except (_ConnectionLost, OSError):
+                    pass  # retried below, with the same request id
+                else:
+                    if type(resp) is Code:
+                        return resp.code
+                    if type(resp) is not Error:
+                        raise _unexpected(resp)
+                    exc = _failure(resp)
+                    if not exc.retryable:
+                        raise exc
+            resp = await self._request(lambda i: Claim(i, batch_id, customer_id, client_id, rid),
+                                       Code)
+            return resp.code
+        except AngoError as exc:
+            exc.request_id = rid
+            raise
 
     async def batches(self) -> list[dict[str, Any]]:
-        """Every batch with its counts, as dicts (fields as in docs/PROTOCOL.md)."""
-        return _batches(await self._request(ListBatches, BatchList))
+        """Every batch with its counts, as dicts (fields as in docs/PROTOCOL.md), page by page."""
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        cursor = None
+        while True:
+            page = await self._request(lambda i, after=cursor: ListBatches(i, after, _PAGE),
+                                       BatchList)
+            cursor = _add_page(page, out, seen)
+            if cursor is None:
+                return out
 
     async def expire(self, batch_id: str) -> bool:
         """Expire ``batch_id``; False if it already was (also after a retry that had done it)."""
@@ -509,6 +644,8 @@ class AsyncClient:
                 if type(resp) is Error:
                     raise _failure(resp)
                 raise _unexpected(resp)
+            except ServerUnreachable:
+                raise
             except (_ConnectionLost, Unavailable, OSError) as exc:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -536,32 +673,47 @@ class AsyncClient:
         delay = _FIRST_BACKOFF
         while True:
             try:
-                opening = loop.create_connection(
-                    lambda: _Connection(loop, self.timeout), self.host, self.port, ssl=self._tls,
-                    server_hostname=self.host if self._tls is not None else None)
-                _, conn = await asyncio.wait_for(opening, max(0.001, deadline - loop.time()))
-                try:
-                    hello = Hello(conn.new_id(), PROTOCOL_VERSION, self._token, _NAME)
-                    resp = await conn.request(hello, deadline)
-                except BaseException:
-                    conn.close()
-                    raise
-                if type(resp) is Welcome:
-                    conn.max_frame = resp.max_frame
-                    return conn
-                conn.close()
-                if type(resp) is Error:
-                    raise _failure(resp)
-                raise _unexpected(resp)
+                return await self._open_once(loop, deadline)
+            except ServerUnreachable:
+                raise
             except (OSError, _ConnectionLost, Unavailable) as exc:
                 if isinstance(exc, ssl.SSLError) and (
                         failed := _tls_failed(self.host, self.port, exc)) is not None:
                     raise failed from None
                 remaining = deadline - loop.time()
                 if remaining <= 0 or self._closed:
-                    if isinstance(exc, (Unavailable, AuthenticationFailed)):
+                    if isinstance(exc, Unavailable):
                         raise
                     raise Unavailable(f"cannot connect to {self.host}:{self.port}: "
                                       f"{exc or type(exc).__name__}") from exc
                 await asyncio.sleep(min(delay, remaining))
                 delay = min(delay * 2, _MAX_BACKOFF)
+
+    async def _open_once(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
+        opening = loop.create_connection(
+            lambda: _Connection(loop, self.timeout), self.host, self.port, ssl=self._tls,
+            server_hostname=self.host if self._tls is not None else None)
+        try:
+            _, conn = await asyncio.wait_for(opening, max(0.001, deadline - loop.time()))
+        except OSError as exc:
+            unreachable = _unreachable(exc, self.host, self.port) if self._fail_refused else None
+            if unreachable is not None:
+                raise unreachable from None
+            raise
+        self._fail_refused = False  # it listens: later refusals are a restart, retried
+        try:
+            resp = await conn.request(Hello(conn.new_id(), PROTOCOL_VERSION, self._token, _NAME),
+                                      deadline)
+        except AuthenticationFailed as exc:
+            conn.close()
+            raise _refused(exc, self._token_source) from None
+        except BaseException:
+            conn.close()
+            raise
+        if type(resp) is Welcome:
+            conn.max_frame = _accepted_frame(resp.max_frame)
+            return conn
+        conn.close()
+        if type(resp) is Error:
+            raise _refused(_failure(resp), self._token_source)
+        raise _unexpected(resp)

@@ -15,6 +15,8 @@ class AngoError(Exception):
 
     code = "error"
     retryable = False
+    #: The request id of the claim that failed, set by the clients (see docs/PROTOCOL.md).
+    request_id: str | None = None
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())

@@ -10,7 +10,7 @@ match responses that arrive in any order.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -57,9 +57,17 @@ class Claim(_Message, tag="claim"):
 
 
 class ListBatches(_Message, tag="batches"):
-    """Ask for every batch with its counts."""
+    """Ask for a page of batches with their counts.
+
+    ``after`` is the ``next`` cursor of the previous page (None: from the
+    start); ``limit`` the most batches wanted. A request with neither asks for
+    the whole list in one answer, which the server refuses when it does not
+    fit in a frame.
+    """
 
     id: int
+    after: str | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class Expire(_Message, tag="expire"):
@@ -120,10 +128,11 @@ class Batch(msgspec.Struct):
 
 
 class BatchList(_Message, tag="batch_list"):
-    """Answer to ``batches``."""
+    """Answer to ``batches``: one page; ``next`` is the cursor of the next one (None: the last)."""
 
     id: int
     batches: list[Batch]
+    next: str | None = None
 
 
 class Expired(_Message, tag="expired"):

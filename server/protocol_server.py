@@ -101,6 +101,41 @@ def _batch(row: dict[str, Any]) -> Batch:
     )
 
 
+#: Bytes of a ``batch_list`` frame besides its batches: type, id, array header, ``next``.
+_PAGE_OVERHEAD = 256
+_measure = msgspec.msgpack.Encoder().encode
+
+
+def batch_page(after: str | None, limit: int | None, max_frame: int, request_id: int,
+               rows: list[dict[str, Any]]) -> BatchList:
+    """The page of ``rows`` after the batch ``after`` that fits in a frame of ``max_frame``.
+
+    At most ``limit`` batches; ``next`` is the last batch's id when more
+    follow. A request with neither ``after`` nor ``limit`` (a client that does
+    not page) gets the whole list, or InvalidInput when it does not fit.
+    """
+    start = 0
+    if after is not None:
+        start = next((i + 1 for i, row in enumerate(rows) if str(row["id"]) == after), -1)
+        if start < 0:
+            raise InvalidInput(f"batches: unknown cursor {after[:80]!r} (use a page's next)")
+    budget = max_frame - _PAGE_OVERHEAD
+    page: list[Batch] = []
+    for row in rows[start:start + limit] if limit else rows[start:]:
+        batch = _batch(row)
+        budget -= len(_measure(batch))
+        if budget < 0 and page:
+            break
+        page.append(batch)
+    stop = start + len(page)
+    if stop == len(rows):
+        return BatchList(request_id, page)
+    if after is None and limit is None:
+        raise InvalidInput(f"batches: {len(rows)} batches do not fit in one frame; "
+                           "page with after/limit (docs/PROTOCOL.md)")
+    return BatchList(request_id, page, page[-1].id)
+
+
 class Connection(asyncio.Protocol):
     """One client connection."""
 
@@ -285,8 +320,8 @@ class Connection(asyncio.Protocol):
             if alloc is None:
                 self.send(BatchList(msg.id, []))
             else:
-                self._call(msg.id, alloc.batches(client_id=self.scope.client_id),
-                           self._batches_reply)
+                page = partial(batch_page, msg.after, msg.limit, server.limits.max_frame)
+                self._call(msg.id, alloc.batches(client_id=self.scope.client_id), page)
         elif kind is Expire:
             if alloc is None:
                 self.send(Expired(msg.id, False))
@@ -417,10 +452,6 @@ class Connection(asyncio.Protocol):
         return Stats(request_id, merged)
 
     @staticmethod
-    def _batches_reply(request_id: int, rows: list[dict[str, Any]]) -> BatchList:
-        return BatchList(request_id, [_batch(row) for row in rows])
-
-    @staticmethod
     def _expired_reply(request_id: int, changed: bool) -> Expired:
         return Expired(request_id, bool(changed))
 
@@ -450,7 +481,15 @@ class Connection(asyncio.Protocol):
         """Queue ``msg``; it is written with everything else of this loop pass."""
         if self.closing:
             return
-        append_frame(self._out, msg)
+        out = self._out
+        start = len(out)
+        append_frame(out, msg)
+        if len(out) - start - HEADER_SIZE > self.server.limits.max_frame:
+            # A peer must never meet a frame above the limit it was told: say so instead.
+            del out[start:]
+            log.error("answer %s to %s does not fit in a frame", type(msg).__name__, self.peer)
+            append_frame(out, Error(msg.id, AngoError.code,
+                                    "the answer does not fit in a frame", False))
         if not self._dirty:
             self._dirty = True
             self.server.mark_dirty(self)
