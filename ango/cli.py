@@ -144,9 +144,19 @@ def expire(batch_id: str, dsn: str | None, data_dir: str | None) -> None:
 @click.option("--noop", is_flag=True,
               help="Answer every claim with a constant code, without shards or database "
                    "(measures the transport).")
+@click.option("--http-host", default="127.0.0.1", show_default=True,
+              help="Address the HTTP API listens on.")
+@click.option("--http-port", default=None, type=click.IntRange(0, 65535),
+              help="Port of the HTTP API (default: --port + 1, i.e. 7879; any free port "
+                   "when --port is 0).")
+@click.option("--no-http", is_flag=True, help="Serve the binary protocol only.")
+@click.option("--http-no-auth", is_flag=True,
+              help="The original's behaviour: HTTP requests need no token. Only on a "
+                   "trusted network; warned about in the log.")
 def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: int | None,
-          token: str | None, noop: bool) -> None:
-    """Serve claims over TCP (docs/PROTOCOL.md) until SIGTERM or SIGINT."""
+          token: str | None, noop: bool, http_host: str, http_port: int | None, no_http: bool,
+          http_no_auth: bool) -> None:
+    """Serve claims over TCP (docs/PROTOCOL.md) and HTTP until SIGTERM or SIGINT."""
     import logging
 
     from ango.server import serve as run_server
@@ -168,13 +178,19 @@ def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: i
             server.stats()["protocol_version"], mode, token_source)
 
     try:
+        if no_http:
+            http_port = None
+        elif http_port is None:
+            http_port = port + 1 if 0 < port < 65535 else 0
         run_server(dsn=dsn, data_dir=data_dir, token=token, host=host, port=port, shards=shards,
-                   noop=noop, on_ready=ready)
+                   noop=noop, on_ready=ready, http_host=http_host, http_port=http_port,
+                   http_no_auth=http_no_auth)
     except AngoError as exc:
         raise _fail(exc) from None
     except OSError as exc:
         reason = exc.strerror or exc
-        raise click.ClickException(f"cannot serve on {host}:{port}: {reason}") from None
+        where = f"{host}:{port}" + (f" and {http_host}:{http_port}" if http_port else "")
+        raise click.ClickException(f"cannot serve on {where}: {reason}") from None
 
 
 @main.command()

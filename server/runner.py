@@ -9,6 +9,8 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from .http_api import HttpApi, HttpLimits, MetricsLike
+from .http_server import HttpServer
 from .limits import Limits
 from .protocol_server import ProtocolServer
 
@@ -28,12 +30,19 @@ async def serve_async(
     stop: asyncio.Event | None = None,
     on_ready: Callable[[ProtocolServer, str, int], Any] | None = None,
     handle_signals: bool = True,
+    http_host: str = "127.0.0.1",
+    http_port: int | None = None,
+    http_no_auth: bool = False,
+    http_limits: HttpLimits | None = None,
+    metrics: MetricsLike | None = None,
 ) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down cleanly.
 
     Shutting down stops accepting, answers the claims in flight, closes every
     connection and then the allocator (its shard processes). ``noop`` serves
-    without an allocator (claims answered with a constant code).
+    without an allocator (claims answered with a constant code). ``http_port``
+    (None: off) also serves the HTTP API (server/http_api.py) on the same loop
+    and allocator, with the same token unless ``http_no_auth``.
     """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
@@ -46,6 +55,22 @@ async def serve_async(
     async with allocator_cm as alloc:
         server = ProtocolServer(alloc, token=token, limits=limits)
         bound_host, bound_port = await server.start(host, port)
+        http = None
+        if http_port is not None:
+            api = HttpApi(alloc, token=token, no_auth=http_no_auth, limits=http_limits,
+                          metrics=metrics, auth_guard=server, extra_stats=server.stats)
+            http = HttpServer(api)
+            try:
+                web_host, web_port = await http.start(http_host, http_port)
+            except BaseException:
+                await server.shutdown()
+                raise
+            log.info("ango HTTP API on http://%s:%d (%s)", web_host, web_port,
+                     "NO AUTHENTICATION" if http_no_auth else "Authorization: Bearer <token>")
+            if http_no_auth:
+                log.warning("the HTTP API requires no token (--http-no-auth): anyone who can "
+                            "reach %s:%d can claim codes, upload and expire batches",
+                            web_host, web_port)
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
@@ -58,7 +83,10 @@ async def serve_async(
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
-            await server.shutdown()
+            if http is not None:
+                await asyncio.gather(http.shutdown(), server.shutdown())
+            else:
+                await server.shutdown()
     log.info("ango: stopped")
 
 
