@@ -262,9 +262,9 @@ class HttpApi:
         self._upload_pool = ThreadPoolExecutor(self.limits.max_uploads,
                                                thread_name_prefix="ango-upload")
         self._uploads = 0
-        self._probe: asyncio.Future[bool] | None = None
-        self._probe_at = -1e9
-        self._probe_ok = False
+        # Open routes must not let a flood of probes reach PostgreSQL or the shards.
+        self._database = Cached(self._check_database, self.limits.probe_cache)
+        self._shards = Cached(self._shards_alive, self.limits.probe_cache)
         self.requests = 0
         self.responses: dict[int, int] = {}
         self.connections = 0
@@ -426,12 +426,8 @@ class HttpApi:
                              "message": "Unable to connect to the database"}), _RETRY_AFTER
 
     async def _readyz(self, request: Request) -> tuple[int, bytes, list]:
-        database_ok = await self.database_reachable()
-        shards = alive = 0
-        if self.allocator is not None:
-            stats = await self.allocator.stats()
-            shards = stats["shards"]
-            alive = sum(1 for s in stats["per_shard"] if s.get("alive", True))
+        database_ok, (shards, alive) = await asyncio.gather(self.database_reachable(),
+                                                           self._shards.get())
         ready = database_ok and alive == shards
         body: dict[str, Any] = {"ready": ready, "database": database_ok,
                                 "shards": shards, "shards_alive": alive}
@@ -481,10 +477,10 @@ class HttpApi:
                 if chunk:
                     await upload.feed(chunk)
                 if not message.get("more_body", False):
+                    # Read to the end even after the importer has failed: a client
+                    # still sending when the connection closes may never see the answer.
                     request.body_done = True
                     break
-                if upload.import_failed:
-                    break  # answer now; the rest of the body is not read
             result = await upload.finish()
         except BaseException as exc:
             await upload.abort(exc)
@@ -506,31 +502,27 @@ class HttpApi:
     # --- probes and counters ----------------------------------------------------------
 
     async def database_reachable(self) -> bool:
-        """True when PostgreSQL answers with Ango's schema; probed at most once per second.
-
-        Concurrent callers share one probe, so open routes cannot flood the database.
-        """
+        """True when PostgreSQL answers with Ango's schema (probed at most once a second)."""
         if self.allocator is None:
             return True
-        loop = asyncio.get_running_loop()
-        if loop.time() - self._probe_at < self.limits.probe_cache:
-            return self._probe_ok
-        if self._probe is None:
-            self._probe = loop.create_task(self._run_probe())
-        return await asyncio.shield(self._probe)
+        return await self._database.get()
 
-    async def _run_probe(self) -> bool:
+    async def _check_database(self) -> bool:
         loop = asyncio.get_running_loop()
         timeout = self.limits.probe_timeout
         try:
             await asyncio.wait_for(loop.run_in_executor(
                 None, _probe_database, self.allocator.dsn, max(2, int(timeout))), timeout)
-            ok = True
+            return True
         except Exception as exc:  # noqa: BLE001 - any failure means "unreachable"
             log.debug("database probe failed: %s", exc)
-            ok = False
-        self._probe_ok, self._probe_at, self._probe = ok, loop.time(), None
-        return ok
+            return False
+
+    async def _shards_alive(self) -> tuple[int, int]:
+        if self.allocator is None:
+            return 0, 0
+        stats = await self.allocator.stats()
+        return stats["shards"], sum(1 for s in stats["per_shard"] if s.get("alive", True))
 
     def stats(self) -> dict[str, Any]:
         """The HTTP API's own counters."""
@@ -541,6 +533,34 @@ class HttpApi:
     def close(self) -> None:
         """Release the upload threads (after the server has stopped)."""
         self._upload_pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Cached:
+    """The answer of an async probe, reused for ``ttl`` seconds; callers share one probe."""
+
+    def __init__(self, probe: Callable[[], Awaitable[Any]], ttl: float) -> None:
+        self._probe = probe
+        self._ttl = ttl
+        self._at = -1e9
+        self._value: Any = None
+        self._running: asyncio.Task | None = None
+
+    async def get(self) -> Any:
+        """The cached answer, or a fresh one."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._at < self._ttl:
+            return self._value
+        if self._running is None:
+            self._running = loop.create_task(self._refresh())
+        return await asyncio.shield(self._running)
+
+    async def _refresh(self) -> Any:
+        try:
+            self._value = await self._probe()
+            self._at = asyncio.get_running_loop().time()
+            return self._value
+        finally:
+            self._running = None
 
 
 def _probe_database(dsn: str, timeout: int) -> None:

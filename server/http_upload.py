@@ -349,10 +349,3 @@ class Upload:
         if self._spool is not None:
             self._spool.close()
             self._spool = None
-
-    @property
-    def import_failed(self) -> bool:
-        """True when the streaming import has already ended with an error."""
-        return (self._import is not None and self._import.done()
-                and self._import.exception() is not None)
-

@@ -290,6 +290,18 @@ def test_upload_bad_input_is_400_naming_the_problem_and_imports_nothing(http, se
     assert batches() == before
 
 
+def test_upload_with_a_bad_line_early_in_a_big_file_is_400_naming_it(http):
+    good = _csv(100_000, uuid.uuid4().hex[:8])
+    head, rest = good.split(b"\n", 2)[:2], good.split(b"\n", 2)[2]
+    data = b"\n".join(head) + b"\n,,,\n" + rest  # line 3 is bad, megabytes follow it
+    response = http.post("/api/v1/codes/upload", headers=AUTH, data={"batch_name": "early"},
+                         files={"file": ("c.csv", data, "text/csv")})
+    assert (response.status_code, error_of(response)) == (400, "import_failed")
+    assert response.json()["message"].startswith("line 3:")
+    assert "early" not in {b["name"] for b in
+                           http.get("/api/v1/batches?all=1", headers=AUTH).json()}
+
+
 def test_upload_of_300k_rows_streams_with_the_server_memory_bounded(http, serve, tmp_path):
     rows = 300_000
     path = tmp_path / "codes.csv"
@@ -512,3 +524,26 @@ def test_pipe_keeps_at_most_its_limit_waiting():
 
     most, total = asyncio.run(bounded())
     assert total == 200 * 512 and most <= 1024 + 512
+
+
+def test_parse_wrk_reads_requests_errors_and_percentiles():
+    from benchmarks.load import parse_wrk
+
+    out = """Running 10s test @ http://127.0.0.1:7879
+  1 threads and 100 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     6.10ms    2.01ms  1.02s    90.00%
+    Req/Sec    16.1k     1.2k   18.0k    70.00%
+  Latency Distribution
+     50%    5.80ms
+     75%    6.90ms
+     90%    8.10ms
+     99%  950.00us
+  161234 requests in 10.01s, 20.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 7
+Requests/sec:  16107.29
+"""
+    assert parse_wrk(out) == {"requests": 161234, "window_s": 10.01, "p50_ms": 5.8,
+                              "p99_ms": 0.95, "max_ms": 1020.0, "non_2xx": 7,
+                              "socket_errors": 3}
