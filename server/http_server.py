@@ -39,6 +39,8 @@ def _protocol_class(api: HttpApi) -> type[HttpToolsProtocol]:
         _in_headers = True   # between a request's first byte and its headers' end
         _in_body = False     # between its headers' end and its body's end
         _header_bytes = 0
+        _chunk = 0           # bytes of the latest read
+        _begun = False       # a request's first bytes arrived, its headers' end not yet
         _last_body = 0.0
         _timer: asyncio.TimerHandle | None = None
         _counted = False
@@ -67,43 +69,50 @@ def _protocol_class(api: HttpApi) -> type[HttpToolsProtocol]:
         def data_received(self, data: bytes) -> None:  # noqa: D102
             if self._refused:
                 return
+            self._chunk = len(data)
             if self._in_headers:
-                self._header_bytes += len(data)
+                self._header_bytes += self._chunk  # all header bytes if the headers go on
             super().data_received(data)
             if self._refused:
                 return
-            if self._in_headers and self._header_bytes > limits.max_header_bytes:
-                self._refuse(431, "headers_too_large",
-                             f"request line and headers exceed {limits.max_header_bytes} bytes")
+            # Timers only for a request left incomplete by this read: one that
+            # arrives whole (the common case) costs none.
+            if self._in_headers:
+                if self._header_bytes > limits.max_header_bytes:
+                    self._refuse(431, "headers_too_large",
+                                 f"request line and headers exceed {limits.max_header_bytes} bytes")
+                elif self._timer is None:
+                    self._arm(limits.header_timeout)
             elif self._in_body:
                 self._last_body = self.loop.time()
+                if self._timer is None:
+                    self._arm(limits.body_timeout)
 
         def on_message_begin(self) -> None:  # noqa: D102
             super().on_message_begin()
-            if not self._in_headers:
-                self._in_headers = True
-                self._header_bytes = 0
-                self._arm(limits.header_timeout)
+            self._in_headers = True
+            self._begun = True
+            # Counted from the next read on: this one may hold the previous request's tail.
+            self._header_bytes = 0
 
         def on_headers_complete(self) -> None:  # noqa: D102
             self._in_headers = False
+            self._begun = False
             self._in_body = True
             self._last_body = self.loop.time()
             self._disarm()
-            # Headers that arrived in one read were not counted by data_received.
-            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-            if size > limits.max_header_bytes:
-                self._refuse(431, "headers_too_large",
-                             f"request line and headers exceed {limits.max_header_bytes} bytes")
-                return
+            if self._header_bytes + self._chunk > limits.max_header_bytes:  # maybe: count
+                size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+                if size > limits.max_header_bytes:
+                    self._refuse(431, "headers_too_large",
+                                 f"request line and headers exceed {limits.max_header_bytes} "
+                                 "bytes")
+                    return
             super().on_headers_complete()
 
         def on_body(self, body: bytes) -> None:  # noqa: D102
-            if self._refused:
-                return
-            super().on_body(body)
-            if self._timer is None and self._in_body:
-                self._arm(limits.body_timeout)
+            if not self._refused:
+                super().on_body(body)
 
         def on_message_complete(self) -> None:  # noqa: D102
             self._in_body = False
@@ -136,7 +145,7 @@ def _protocol_class(api: HttpApi) -> type[HttpToolsProtocol]:
                     return
                 self._refuse(408, "request_timeout",
                              f"no body bytes for {limits.body_timeout:g} s")
-            elif self._in_headers and self._header_bytes:
+            elif self._in_headers and (self._begun or self._header_bytes):
                 self._refuse(408, "request_timeout",
                              f"headers not complete within {limits.header_timeout:g} s")
             elif self._in_headers:

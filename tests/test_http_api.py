@@ -473,6 +473,22 @@ def test_oversized_headers_are_431_and_malformed_http_400_in_json(limited):
     assert (status, body["error"]) == (400, "bad_request")
 
 
+def test_a_request_after_a_big_body_in_the_same_read_is_not_taken_for_big_headers(limited):
+    port, _ = limited
+    body = json.dumps({"batchid": str(uuid.uuid4()), "customerid": "x", "pad": "a" * 4000})
+    sock = _raw(port)
+    sock.sendall(b"POST /api/v1/code/redeem HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode())
+                 + b"GET /livez HTTP/1.1\r\nHost: x\r\n")  # the next request's headers begin
+    time.sleep(0.1)
+    sock.sendall(b"Connection: close\r\n\r\n")
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    assert data.count(b"HTTP/1.1 200 OK") == 2, data
+
+
 def test_connections_beyond_the_limit_are_answered_503(limited):
     port, _ = limited
     held = [_raw(port) for _ in range(3)]
