@@ -93,6 +93,9 @@ class HttpLimits:
     max_connections: int = 1024
     #: Seconds before a wrong token is answered (slows down guessing).
     auth_failure_delay: float = 0.25
+    #: ``Retry-After`` of a 429 to an address blocked for wrong tokens (the
+    #: protocol server's ``auth_failure_window``).
+    auth_block_retry: int = 60
     #: Seconds a database probe's answer is reused (/healthcheck, /readyz are open).
     probe_cache: float = 1.0
     #: Seconds a database probe may take before PostgreSQL counts as unreachable.
@@ -280,8 +283,10 @@ class HttpApi:
         try:
             request = Request(scope, receive)
             route, request.params = self._match(scope["path"], scope["method"])
-            if not self.authorize(route, request.headers):
-                await self._refuse(request)
+            if not route.open and not self.no_auth:
+                self._check_not_blocked(request)
+                if not self.authorize(route, request.headers):
+                    await self._refuse(request)
             status, body, headers = await self._handlers[route.handler](request)
         except Exception as exc:  # every failure becomes a JSON answer
             error = http_error(exc)
@@ -336,16 +341,19 @@ class HttpApi:
             return False
         return hmac.compare_digest(value[7:].strip(), self._token)
 
-    async def _refuse(self, request: Request) -> None:
+    def _check_not_blocked(self, request: Request) -> None:
+        """429 for an address that sent too many wrong tokens lately (either protocol)."""
         guard = self.auth_guard
+        if guard is not None and guard.auth_blocked(request.peer):
+            raise HttpError(429, "too_many_auth_failures",
+                            "too many wrong tokens from this address; try later",
+                            [(b"retry-after", b"%d" % self.limits.auth_block_retry)])
+
+    async def _refuse(self, request: Request) -> None:
         if self.metrics is not None:
             self.metrics.auth_failed("http")
-        if guard is not None:
-            if guard.auth_blocked(request.peer):
-                raise HttpError(429, "too_many_auth_failures",
-                                "too many wrong tokens from this address; try later",
-                                [(b"retry-after", b"60")])
-            guard.auth_failed(request.peer)
+        if self.auth_guard is not None:
+            self.auth_guard.auth_failed(request.peer)
         await asyncio.sleep(self.limits.auth_failure_delay)
         raise HttpError(401, AuthenticationFailed.code,
                         "missing or wrong token: send 'Authorization: Bearer <token>'",

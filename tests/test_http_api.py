@@ -22,6 +22,7 @@ import httpx
 import psutil
 import psycopg
 import pytest
+from ango.server import Limits, ProtocolServer
 from ango.server.http_api import ROUTES, HttpApi, HttpLimits
 from ango.server.http_server import HttpServer
 
@@ -411,7 +412,9 @@ def limited() -> Iterator[tuple[int, RecordingMetrics]]:
     stop: list = []
 
     async def main() -> None:
-        server = HttpServer(HttpApi(None, token=TOKEN, limits=limits, metrics=metrics))
+        guard = ProtocolServer(None, token=TOKEN, limits=Limits(max_auth_failures=3))
+        server = HttpServer(HttpApi(None, token=TOKEN, limits=limits, metrics=metrics,
+                                    auth_guard=guard))
         _, port = await server.start("127.0.0.1", 0)
         finished = asyncio.Event()
         stop.append((asyncio.get_running_loop(), finished))
@@ -514,6 +517,18 @@ def test_metrics_hooks_see_http_claims_connections_auth_failures_and_serve_metri
     names = [call[:2] for call in metrics.calls]
     assert ("connection_opened", "http") in names and ("connection_closed", "http") in names
     assert ("auth_failed", "http") in names
+
+
+def test_an_address_with_too_many_wrong_tokens_gets_429_even_with_the_right_one(limited):
+    port, _ = limited
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        wrong = {"Authorization": "Bearer guess"}
+        assert [client.get("/api/v1/stats", headers=wrong).status_code
+                for _ in range(3)] == [401, 401, 401]
+        blocked = client.get("/api/v1/stats", headers=AUTH)
+        assert (blocked.status_code, error_of(blocked)) == (429, "too_many_auth_failures")
+        assert blocked.headers["retry-after"] == "60"
+        assert client.get("/livez").status_code == 200  # open routes stay open
 
 
 def test_metrics_route_is_404_without_a_metrics_object(http):
