@@ -29,6 +29,47 @@ _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header 
             503: b"Service Unavailable"}
 
 
+class CoalescingTransport:
+    """A transport whose writes within one loop pass go out as one ``write``.
+
+    uvicorn writes a response's status line and headers, then its body, each
+    with its own ``transport.write``: two system calls and two TCP segments
+    for a small JSON answer. Buffered until the end of the loop pass, they are
+    one. Everything else goes to the real transport; closing flushes first.
+    """
+
+    __slots__ = ("_transport", "_loop", "_pending")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:  # noqa: D102
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        """Write what is pending."""
+        if self._pending:
+            data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._pending = []
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:  # noqa: D102
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:  # noqa: D102
+        self._pending = []
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def _protocol_class(api: HttpApi) -> type[HttpToolsProtocol]:
     limits: HttpLimits = api.limits
     metrics: MetricsLike | None = api.metrics
@@ -48,6 +89,7 @@ def _protocol_class(api: HttpApi) -> type[HttpToolsProtocol]:
 
         def connection_made(self, transport: Any) -> None:  # noqa: D102
             super().connection_made(transport)
+            self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
             api.connections += 1
             self._counted = True
             if metrics is not None:

@@ -578,3 +578,36 @@ Requests/sec:  16107.29
     assert parse_wrk(out) == {"requests": 161234, "window_s": 10.01, "p50_ms": 5.8,
                               "p99_ms": 0.95, "max_ms": 1020.0, "non_2xx": 7,
                               "socket_errors": 3}
+
+
+def test_a_response_written_in_pieces_leaves_in_one_write_per_loop_pass():
+    from ango.server.http_server import CoalescingTransport
+
+    class Recording:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+            self.closed = False
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def close(self) -> None:
+            self.closed = True
+
+    async def main() -> Recording:
+        real = Recording()
+        transport = CoalescingTransport(real, asyncio.get_running_loop())
+        transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        transport.write(b"{}")
+        assert real.writes == []  # nothing yet: the loop pass has not ended
+        await asyncio.sleep(0)
+        transport.write(b"last")
+        transport.close()  # flushes before closing
+        return real
+
+    real = asyncio.run(main())
+    assert real.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}", b"last"]
+    assert real.closed
