@@ -173,6 +173,18 @@ def test_http_no_auth_serves_without_a_token_and_warns_in_the_log():
         proc.stop()
 
 
+def test_sigterm_stops_the_server_cleanly_with_keep_alive_connections_open():
+    proc = ServeProcess("--noop", "--token", TOKEN).start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{proc.http_port}", timeout=30) as client:
+            assert client.get("/livez").status_code == 200  # the connection stays open
+            started = time.monotonic()
+            assert proc.stop(timeout=30) == 0
+            assert time.monotonic() - started < 20
+    finally:
+        proc.kill()
+
+
 def test_no_http_serves_the_binary_protocol_only():
     proc = ServeProcess("--noop", "--token", TOKEN, "--no-http").start()
     try:
