@@ -248,18 +248,12 @@ class HttpApi:
         self.metrics = metrics
         self.auth_guard = auth_guard
         self.extra_stats = extra_stats
-        self._exact: dict[str, dict[str, Route]] = {}
-        self._templated: list[tuple[re.Pattern[str], dict[str, Route]]] = []
+        by_path: dict[str, dict[str, Route]] = {}
         for route in ROUTES:
-            if "{" in route.path:
-                for pattern, methods in self._templated:
-                    if pattern.pattern == _pattern(route.path).pattern:
-                        methods[route.method] = route
-                        break
-                else:
-                    self._templated.append((_pattern(route.path), {route.method: route}))
-            else:
-                self._exact.setdefault(route.path, {})[route.method] = route
+            by_path.setdefault(route.path, {})[route.method] = route
+        self._exact = {path: methods for path, methods in by_path.items() if "{" not in path}
+        self._templated = [(_pattern(path), methods) for path, methods in by_path.items()
+                           if "{" in path]
         self._handlers = {route.handler: getattr(self, "_" + route.handler) for route in ROUTES}
         self._openapi = resources.files(__package__).joinpath("openapi.json").read_bytes()
         self._upload_pool = ThreadPoolExecutor(self.limits.max_uploads,
