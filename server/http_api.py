@@ -28,6 +28,7 @@ from importlib import resources
 from typing import Any, Protocol
 
 import msgspec
+import psycopg
 from python_multipart.multipart import parse_options_header
 
 from ango import database
@@ -134,6 +135,10 @@ def http_error(exc: BaseException) -> HttpError:
     """The answer for an exception raised while serving a request."""
     if isinstance(exc, HttpError):
         return exc
+    if isinstance(exc, psycopg.OperationalError):
+        # PostgreSQL unreachable or restarting (batches, expiry, uploads): retry later.
+        return HttpError(503, Unavailable.code, "the database cannot be reached; retry later",
+                         _RETRY_AFTER)
     if isinstance(exc, AngoError):
         status = STATUS_OF.get(type(exc), 500)
         if status == 500:

@@ -383,6 +383,9 @@ def test_healthcheck_and_readyz_answer_503_when_the_database_is_gone(dsn, server
         assert (ready.status_code, error_of(ready)) == (503, "not_ready")
         assert ready.json()["database"] is False
         assert httpx.get(f"{base}/livez", timeout=30).status_code == 200
+        listing = httpx.get(f"{base}/api/v1/batches", headers=AUTH, timeout=30)
+        assert (listing.status_code, error_of(listing)) == (503, "unavailable")
+        assert listing.headers["retry-after"]
     finally:
         proc.stop()
 
