@@ -296,9 +296,16 @@ class HttpApi:
         if body is None:
             return  # the client went away
         self.responses[status] = self.responses.get(status, 0) + 1
-        out = [(b"content-length", b"%d" % len(body)), *headers]
-        if not any(name == b"content-type" for name, _ in headers):
-            out.append((b"content-type", JSON))
+        content_type = JSON
+        if headers:
+            headers = list(headers)
+            for i, (name, value) in enumerate(headers):
+                if name == b"content-type":  # a handler's own type (/metrics)
+                    content_type = value
+                    del headers[i]
+                    break
+        out = [(b"content-type", content_type), (b"content-length", b"%d" % len(body)),
+               *headers]
         if request is None or not request.body_done:
             # The body was not read to its end: the connection cannot carry another request.
             out.append((b"connection", b"close"))
