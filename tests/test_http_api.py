@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -27,7 +28,7 @@ from ango.server.http_api import ROUTES, HttpApi, HttpLimits
 from ango.server.http_server import HttpServer
 
 from tests.hostile import module_dsn  # noqa: F401 (a fixture)
-from tests.servers import CLIENT_ID, TOKEN, ServeProcess, issued, new_batch
+from tests.servers import ANGO, CLIENT_ID, TOKEN, ServeProcess, issued, new_batch
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 JSON_TYPE = {"Content-Type": "application/json"}
@@ -183,6 +184,19 @@ def test_sigterm_stops_the_server_cleanly_with_keep_alive_connections_open():
             assert time.monotonic() - started < 20
     finally:
         proc.kill()
+
+
+def test_a_busy_http_port_is_a_clear_error_not_a_traceback():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([*ANGO, "serve", "--noop", "--port", "0", "--token", TOKEN,
+                                 "--http-port", str(port)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot serve on 127.0.0.1:0 and 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_no_http_serves_the_binary_protocol_only():
