@@ -285,11 +285,21 @@ def token_revoke(name: str, dsn: str | None, data_dir: str | None) -> None:
               help="PEM private key of --tls-cert (else ANGO_TLS_KEY; default: in the cert file).")
 @click.option("--tls-required/--tls-optional", default=True, show_default=True,
               help="With a certificate: refuse plain-text clients, or accept both.")
+@click.option("--http-host", default="127.0.0.1", show_default=True,
+              help="Address the HTTP API listens on.")
+@click.option("--http-port", default=None, type=click.IntRange(0, 65535),
+              help="Port of the HTTP API (default: --port + 1, i.e. 7879; any free port "
+                   "when --port is 0).")
+@click.option("--no-http", is_flag=True, help="Serve the binary protocol only.")
+@click.option("--http-no-auth", is_flag=True,
+              help="The original's behaviour: HTTP requests need no token. Only on a "
+                   "trusted network; warned about in the log.")
 def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: int | None,
           token: str | None, token_file: str | None, noop: bool, db_wait: float,
           log_level: str, log_format: str, tls_cert: str | None, tls_key: str | None,
-          tls_required: bool) -> None:
-    """Serve claims over TCP (docs/PROTOCOL.md) until SIGTERM or SIGINT."""
+          tls_required: bool, http_host: str, http_port: int | None, no_http: bool,
+          http_no_auth: bool) -> None:
+    """Serve claims over TCP (docs/PROTOCOL.md) and HTTP until SIGTERM or SIGINT."""
     import logging
 
     from ango.logs import configure
@@ -315,12 +325,18 @@ def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: i
         dsn = database.wait_until_ready(dsn, data_dir, seconds=db_wait,
                                         report=logging.getLogger("ango.database").warning)
     try:
+        if no_http:
+            http_port = None
+        elif http_port is None:
+            http_port = port + 1 if 0 < port < 65535 else 0
         run_server(dsn=dsn, data_dir=data_dir, token=token, host=host, port=port, shards=shards,
                    noop=noop, tls_cert=tls_cert, tls_key=tls_key, tls_required=tls_required,
+                   http_host=http_host, http_port=http_port, http_no_auth=http_no_auth,
                    on_ready=lambda *where: log_startup(*where, note=f"{tls_mode}, {token_source}"))
     except OSError as exc:
         reason = exc.strerror or exc
-        raise click.ClickException(f"cannot serve on {host}:{port}: {reason}") from None
+        where = f"{host}:{port}" + (f" and {http_host}:{http_port}" if http_port else "")
+        raise click.ClickException(f"cannot serve on {where}: {reason}") from None
 
 
 def _server_options(command):

@@ -47,16 +47,19 @@ def fresh_database(server: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def write_codes_csv(path: Path, count: int, client: str = CLIENT) -> Path:
-    """The original's CSV (``client_id,code``) with ``count`` unique 16-character codes."""
+def write_codes_csv(path: Path, count: int, client: str = CLIENT, first: int = 1) -> Path:
+    """The original's CSV (``client_id,code``) with ``count`` unique 16-character codes.
+
+    Files with ranges ``first .. first + count - 1`` that do not overlap share no code.
+    """
     mask = (1 << 64) - 1
     with open(path, "w", buffering=1 << 20) as out:
         out.write("client_id,code\n")
         step = 100_000
-        for start in range(0, count, step):
+        for start in range(first - 1, first - 1 + count, step):
             out.write("".join(
                 f"{client},{(i * _MIX) & mask:016X}\n"
-                for i in range(start + 1, min(start + step, count) + 1)
+                for i in range(start + 1, min(start + step, first - 1 + count) + 1)
             ))
     return path
 

@@ -1,4 +1,4 @@
-"""Ango vs the original's per-claim transaction vs the bare transport, in one run.
+"""Ango (binary protocol and HTTP) vs the original's per-claim transaction vs the bare transport.
 
     python -m benchmarks.load [--json] [--seconds 10] [--concurrency 100] [--codes N]
                               [--shards K] [--runs R] [--dsn DSN]
@@ -14,6 +14,11 @@ for the run and dropped afterwards:
   every code received is checked against ``ango.issues``: a code received
   twice, or received but not recorded as issued to that customer, is a
   duplicate. The invariant audit (``ango.audit``) runs too.
+- **http**: the same claims over HTTP/1.1 keep-alive: ``ango serve``'s HTTP
+  API (``POST /api/v1/code/redeem``, the original's body) on a batch of its
+  own, driven by wrk (``benchmarks/http_claim.lua``, Debian's ``wrk``) with C
+  connections, a claim in flight on each. p50/p99 come from wrk's latency
+  distribution; every code wrk received is checked against ``ango.issues``.
 - **seed_sql**: the original's transaction (``benchmarks/seed/claim.sql``:
   BEGIN; SELECT ... FOR NO KEY UPDATE SKIP LOCKED LIMIT 1; UPDATE; COMMIT) run
   by ``pgbench -M prepared`` with C clients (capped by the server's free
@@ -33,10 +38,12 @@ reported. Figures only: nothing here asserts on time.
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import statistics
@@ -59,9 +66,12 @@ from benchmarks._db import CLIENT, fresh_database, server_dsn, write_codes_csv
 from benchmarks.protocol_load import drive, start_server
 
 SEED = Path(__file__).parent / "seed"
-TARGETS = {"ratio_vs_seed": 8.0, "ratio_vs_noop": 0.5, "ango_p99_ms": 10.0}
+TARGETS = {"ratio_vs_seed": 8.0, "ratio_vs_noop": 0.5, "ango_p99_ms": 10.0,
+           "http_vs_ango": 0.6, "http_vs_seed": 3.0, "http_p99_ms": 15.0}
+ALL_SIDES = ("ango", "http", "seed_sql", "noop")
 # Sizing guesses (claims/s) for the tables: generous, so a run never runs dry.
 ANGO_RATE_GUESS = 60_000
+HTTP_RATE_GUESS = 40_000
 SEED_RATE_GUESS = 15_000
 MAX_DEFAULT_CODES = 2_000_000
 # One client connection per this many claims in flight. The client pipelines:
@@ -98,12 +108,13 @@ def _dbname(dsn: str) -> str:
 class AngoSide:
     """A batch imported once, claimed from by fresh ``ango serve`` processes."""
 
-    def __init__(self, db: str, codes: int, shards: int | None, tmp: Path) -> None:
+    def __init__(self, db: str, codes: int, shards: int | None, tmp: Path,
+                 first_code: int = 1) -> None:
         self.db = db
         self.codes = codes
         self.shards = shards
         self.received: list[tuple[str, str]] = []
-        path = write_codes_csv(tmp / "codes.csv", codes)
+        path = write_codes_csv(tmp / "codes.csv", codes, first=first_code)
         started = time.perf_counter()
         result = import_codes(db, path, CLIENT, "benchmarks.load", {"maxpercustomer": 1})
         self.import_s = time.perf_counter() - started
@@ -141,7 +152,11 @@ class AngoSide:
         return figures
 
     def check(self) -> dict:
-        """Codes received vs ``ango.issues``, after every server has stopped."""
+        """Codes received vs ``ango.issues``, after every server has stopped.
+
+        A code received with customer None (the http side: wrk does not say which
+        request an answer is for) is checked by code and batch only.
+        """
         codes = [code for code, _ in self.received]
         twice = len(codes) - len(set(codes))
         with psycopg.connect(self.db) as conn:
@@ -153,7 +168,8 @@ class AngoSide:
                                   (self.batch_id,)).fetchone()
             (not_recorded,) = conn.execute(
                 "SELECT count(*) FROM received r WHERE NOT EXISTS (SELECT 1 FROM ango.issues i"
-                " WHERE i.code = r.code AND i.batch_key = %s AND i.customer_id = r.customer)",
+                " WHERE i.code = r.code AND i.batch_key = %s"
+                " AND (r.customer IS NULL OR i.customer_id = r.customer))",
                 (key,)).fetchone()
             (issued,) = conn.execute(
                 "SELECT count(*) FROM ango.issues WHERE batch_key = %s", (key,)).fetchone()
@@ -163,6 +179,131 @@ class AngoSide:
                 "received_not_recorded": not_recorded, "issued": issued,
                 "issued_not_received": issued - len(set(codes)),
                 "duplicates": twice + not_recorded, "audit_violations": found}
+
+
+class HttpSide(AngoSide):
+    """The same claims over HTTP/1.1 keep-alive: ``ango serve``'s HTTP API driven by wrk.
+
+    A batch of its own (so each side's check counts only its own claims); wrk
+    runs ``benchmarks/http_claim.lua`` with C connections, one claim in flight
+    on each, a fresh customer per claim: once for the warm-up, once for the
+    window (``--latency``: p50, p99 from wrk's distribution). Every code wrk
+    receives is written to a file and checked against ``ango.issues``.
+    """
+
+    def __init__(self, db: str, codes: int, shards: int | None, tmp: Path,
+                 wrk: str) -> None:
+        # Codes numbered after any the ango side can have (MAX_DEFAULT_CODES).
+        super().__init__(db, codes, shards, tmp, first_code=1_000_000_000)
+        self.wrk = wrk
+        self.tmp = tmp
+        self.refused: collections.Counter = collections.Counter()
+
+    def _wrk(self, port: int, token: str, concurrency: int, seconds: float, prefix: str,
+             latency: bool, on_start=None) -> str:
+        out = self.tmp / f"codes-{prefix}"
+        cmd = [self.wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s",
+               "--timeout", "30s", "-s", str(Path(__file__).parent / "http_claim.lua")]
+        if latency:
+            cmd.append("--latency")
+        cmd.append(f"http://127.0.0.1:{port}")
+        env = dict(os.environ, ANGO_BATCH=self.batch_id, ANGO_CLIENT=CLIENT, ANGO_TOKEN=token,
+                   ANGO_PREFIX=prefix, ANGO_CODES=str(out))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
+        if on_start is not None:
+            on_start(proc)
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"wrk failed ({proc.returncode}):\n{stdout}\n{stderr}")
+        for path in glob.glob(f"{out}.*"):
+            with open(path) as f:
+                for line in f:
+                    line = line.rstrip("\n")
+                    if line.startswith("!"):
+                        self.refused[line[1:]] += 1
+                    else:
+                        self.received.append((line, None))
+            os.unlink(path)
+        return stdout
+
+    def run(self, seconds: float, warmup: float, concurrency: int, connections: int,
+            postmaster: int | None, run_no: int, budget: int | None = None) -> dict:
+        """Warm-up then one steady window of wrk against a new server."""
+        server = start_server(secrets.token_hex(16), dsn=self.db, shards=self.shards)
+        wrk_pid: list[int] = []
+        cpu = CpuSplit({"client": lambda: wrk_pid, "server": lambda: [server.pid],
+                        "shards": children_of(server.pid)},
+                       dbname=_dbname(self.db), postmaster=postmaster)
+
+        def sample() -> None:
+            # Inside wrk's run: its process must still be there for the second sample.
+            time.sleep(0.2)
+            cpu.start()
+            time.sleep(max(0.5, seconds - 0.5))
+            cpu.stop()
+
+        sampler = threading.Thread(target=sample, daemon=True)
+
+        def started(proc: subprocess.Popen) -> None:
+            wrk_pid.append(proc.pid)
+            sampler.start()
+
+        try:
+            self._wrk(server.http_port, server.token, concurrency, warmup, f"h{run_no}w-",
+                      latency=False)
+            refused_before = sum(self.refused.values())
+            out = self._wrk(server.http_port, server.token, concurrency, seconds,
+                            f"h{run_no}m-", latency=True, on_start=started)
+            sampler.join()
+        finally:
+            status = server.stop()
+        figures = parse_wrk(out)
+        errors = figures.pop("non_2xx") + figures.pop("socket_errors")
+        claims = figures["requests"] - errors
+        return {"claims_per_s": round(claims / figures["window_s"]),
+                "p50_ms": figures["p50_ms"], "p99_ms": figures["p99_ms"],
+                "max_ms": figures["max_ms"], "errors": errors, "claims": claims,
+                "window_s": figures["window_s"],
+                "errors_total": sum(self.refused.values()) - refused_before,
+                "error_kinds": dict(self.refused), "server_exit": status,
+                "connections": concurrency, "cpu": cpu.result}
+
+
+_WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _wrk_ms(text: str) -> float:
+    number = re.match(r"([\d.]+)([a-z]+)", text)
+    return round(float(number.group(1)) * _WRK_UNITS[number.group(2)], 3)
+
+
+def parse_wrk(out: str) -> dict:
+    """Requests, window, errors and latency percentiles from wrk's ``--latency`` report."""
+    found = {"non_2xx": 0, "socket_errors": 0}
+    for line in out.splitlines():
+        line = line.strip()
+        if match := re.match(r"(\d+) requests in ([\d.]+)(\w+)", line):
+            found["requests"] = int(match.group(1))
+            found["window_s"] = _wrk_ms(match.group(2) + match.group(3)) / 1000
+        elif match := re.match(r"(50|99)(?:\.000)?% +(\S+)", line):
+            found[f"p{match.group(1)}_ms"] = _wrk_ms(match.group(2))
+        elif line.startswith("Latency") and "Distribution" not in line:
+            found["max_ms"] = _wrk_ms(line.split()[3])
+        elif line.startswith("Non-2xx or 3xx responses:"):
+            found["non_2xx"] = int(line.split(":")[1])
+        elif line.startswith("Socket errors:"):
+            found["socket_errors"] = sum(int(n) for n in re.findall(r"\d+", line))
+    return found
+
+
+def find_wrk() -> str:
+    """wrk from PATH (Debian: apt-get install wrk)."""
+    found = shutil.which("wrk")
+    if not found:
+        raise SystemExit("wrk not found: apt-get install wrk, or leave out the http side "
+                         "(--only ango,seed_sql,noop)")
+    return found
 
 
 def run_noop(seconds: float, warmup: float, concurrency: int, connections: int) -> dict:
@@ -361,7 +502,7 @@ def _median_side(runs: list[dict]) -> dict:
 def run(seconds: float = 10.0, concurrency: int = 100, codes: int | None = None,
         shards: int | None = None, dsn: str | None = None, *, runs: int = 1,
         warmup: float = 1.0, connections: int | None = None, pgbench: str | None = None,
-        seed_rows: int | None = None, sides: tuple[str, ...] = ("ango", "seed_sql", "noop"),
+        seed_rows: int | None = None, sides: tuple[str, ...] = ALL_SIDES,
         log=print) -> dict:
     """Run the sides (interleaved when ``runs`` > 1); return the JSON-ready figures."""
     server = server_dsn(dsn)
@@ -369,17 +510,21 @@ def run(seconds: float = 10.0, concurrency: int = 100, codes: int | None = None,
     codes = codes or min(MAX_DEFAULT_CODES,
                          max(200_000, int(runs * (seconds + warmup + 1) * ANGO_RATE_GUESS)))
     seed_rows = seed_rows or max(100_000, int(runs * (seconds + warmup + 1) * SEED_RATE_GUESS))
+    http_codes = max(200_000, int(runs * (seconds + warmup + 1) * HTTP_RATE_GUESS))
     load_before = _load_average()
     found: dict[str, list[dict]] = {side: [] for side in sides}
     extra: dict = {}
     with tempfile.TemporaryDirectory(prefix="ango-load-") as tmp, \
             fresh_database(server) as db:
         postmaster = postmaster_pid(db)
-        ango_side = seed_side = None
+        ango_side = seed_side = http_side = None
         if "ango" in sides:
             log(f"importing {codes:,} codes (rule maxpercustomer 1)...")
             ango_side = AngoSide(db, codes, shards, Path(tmp))
             extra["import_s"] = round(ango_side.import_s, 2)
+        if "http" in sides:
+            log(f"importing {http_codes:,} codes for the http side...")
+            http_side = HttpSide(db, http_codes, shards, Path(tmp), find_wrk())
         if "seed_sql" in sides:
             log(f"filling the original's table with {seed_rows:,} codes...")
             seed_side = SeedSide(db, seed_rows, find_pgbench(pgbench), Path(tmp))
@@ -388,6 +533,9 @@ def run(seconds: float = 10.0, concurrency: int = 100, codes: int | None = None,
                 log(f"run {n + 1}/{runs}: {side} ({warmup:g} s warm-up + {seconds:g} s)...")
                 if side == "ango":
                     figures = ango_side.run(seconds, warmup, concurrency, connections,
+                                            postmaster, n)
+                elif side == "http":
+                    figures = http_side.run(seconds, warmup, concurrency, connections,
                                             postmaster, n)
                 elif side == "seed_sql":
                     figures = seed_side.run(seconds, warmup, concurrency, postmaster, n)
@@ -404,6 +552,10 @@ def run(seconds: float = 10.0, concurrency: int = 100, codes: int | None = None,
             result["ango"]["codes"] = codes
             result["ango"]["shards"] = shards or os.cpu_count()
             result["ango"]["connections"] = connections
+        if http_side is not None:
+            result["http"].update(http_side.check())
+            result["http"]["codes"] = http_codes
+            result["http"]["client"] = "wrk -t1, HTTP/1.1 keep-alive, one claim per connection"
         if seed_side is not None:
             result["seed_sql"].update(seed_side.check())
             result["seed_sql"]["codes"] = seed_rows
@@ -416,22 +568,37 @@ def run(seconds: float = 10.0, concurrency: int = 100, codes: int | None = None,
         result["ratio_vs_seed"] = round(ango_rate / max(1, result["seed_sql"]["claims_per_s"]), 2)
     if ango_rate is not None and "noop" in result:
         result["ratio_vs_noop"] = round(ango_rate / max(1, result["noop"]["claims_per_s"]), 3)
+    http_rate = result.get("http", {}).get("claims_per_s")
+    if http_rate is not None and ango_rate is not None:
+        result["http_vs_ango"] = round(http_rate / max(1, ango_rate), 3)
+    if http_rate is not None and "seed_sql" in result:
+        result["http_vs_seed"] = round(http_rate / max(1, result["seed_sql"]["claims_per_s"]), 2)
     result["setup"] = {
         "seconds": seconds, "warmup_s": warmup, "concurrency": concurrency, "runs": runs,
         "machine_cores": os.cpu_count(), "postgres": pg_version,
         "synchronous_commit": sync_commit, "load_average_before": load_before,
         "load_average_after": _load_average(), **extra,
     }
-    if "ango" in result:
+    if "ango" in result or "http" in result:
         result["targets"] = _targets(result)
     return result
 
 
 def _targets(result: dict) -> dict:
-    ango = result["ango"]
-    checks = {"ango_p99_ms <= 10": ango["p99_ms"] <= TARGETS["ango_p99_ms"],
-              "duplicates == 0": ango["duplicates"] == 0,
-              "errors == 0": ango["errors"] == 0 and not ango["audit_violations"]}
+    checks = {}
+    if "ango" in result:
+        ango = result["ango"]
+        checks.update({"ango_p99_ms <= 10": ango["p99_ms"] <= TARGETS["ango_p99_ms"],
+                       "duplicates == 0": ango["duplicates"] == 0,
+                       "errors == 0": ango["errors"] == 0 and not ango["audit_violations"]})
+    if "http" in result:
+        http = result["http"]
+        checks.update({"http_p99_ms <= 15": http["p99_ms"] <= TARGETS["http_p99_ms"],
+                       "http duplicates == 0": http["duplicates"] == 0,
+                       "http errors == 0": http["errors"] == 0 and not http["audit_violations"]})
+    for key in ("http_vs_ango", "http_vs_seed"):
+        if key in result:
+            checks[f"{key} >= {TARGETS[key]:g}"] = result[key] >= TARGETS[key]
     if "ratio_vs_seed" in result:
         checks["ratio_vs_seed >= 8"] = result["ratio_vs_seed"] >= TARGETS["ratio_vs_seed"]
     if "ratio_vs_noop" in result:
@@ -441,7 +608,7 @@ def _targets(result: dict) -> dict:
 
 def _table(result: dict) -> str:
     rows = [("side", "claims/s", "p50 ms", "p99 ms", "errors", "duplicates")]
-    for side in ("ango", "seed_sql", "noop"):
+    for side in ALL_SIDES:
         if side in result:
             r = result[side]
             rows.append((side, f"{r['claims_per_s']:,.0f}", f"{r['p50_ms']:.2f}",
@@ -455,10 +622,10 @@ def _table(result: dict) -> str:
     out = [f"C = {s['concurrency']}, {s['seconds']:g} s windows, {s['runs']} run(s), "
            f"{s['machine_cores']} cores, PostgreSQL {s['postgres']}, load average "
            f"{s['load_average_before']} -> {s['load_average_after']}", "", *lines, ""]
-    for key in ("ratio_vs_seed", "ratio_vs_noop"):
+    for key in ("ratio_vs_seed", "ratio_vs_noop", "http_vs_ango", "http_vs_seed"):
         if key in result:
             out.append(f"{key}: {result[key]}")
-    for side in ("ango", "seed_sql", "noop"):
+    for side in ALL_SIDES:
         cpu = _first_cpu(result.get(side))
         if cpu:
             split = ", ".join(f"{k} {v:.2f}" for k, v in cpu["cores"].items() if v >= 0.005)
@@ -497,13 +664,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dsn", default=None, help="PostgreSQL server to use")
     parser.add_argument("--pgbench", default=None, help="pgbench binary")
     parser.add_argument("--only", default=None,
-                        help="comma-separated subset of ango,seed_sql,noop")
+                        help="comma-separated subset of " + ",".join(ALL_SIDES))
     args = parser.parse_args(argv)
     if args.seconds < 1 or args.concurrency < 1 or args.runs < 1:
         parser.error("--seconds, --concurrency and --runs must be at least 1")
-    sides = tuple(args.only.split(",")) if args.only else ("ango", "seed_sql", "noop")
-    if not set(sides) <= {"ango", "seed_sql", "noop"}:
-        parser.error("--only takes ango, seed_sql, noop")
+    sides = tuple(args.only.split(",")) if args.only else ALL_SIDES
+    if not set(sides) <= set(ALL_SIDES):
+        parser.error("--only takes " + ", ".join(ALL_SIDES))
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

@@ -64,11 +64,15 @@ class Server:
         self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                         text=True, env=dict(os.environ, ANGO_TOKEN=token))
         self.port = 0
+        self.http_port = 0  # the HTTP API's (logged before the ready line)
         found = threading.Event()
 
         def read() -> None:
             for line in self.process.stderr:
                 self.tail.append(line.rstrip())
+                http = re.search(r"HTTP API on http://[^ ]+:(\d+)", line)
+                if http:
+                    self.http_port = int(http.group(1))
                 match = re.search(r"serving on [^:]+:(\d+)", line)
                 if match and not found.is_set():
                     self.port = int(match.group(1))

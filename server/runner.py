@@ -14,6 +14,8 @@ from typing import Any
 from ango import __version__
 from ango.health import describe_dsn
 
+from .http_api import HttpApi, HttpLimits
+from .http_server import HttpServer
 from .limits import Limits
 from .metrics import Metrics
 from .protocol_server import ProtocolServer
@@ -38,6 +40,10 @@ async def serve_async(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     tls_required: bool = True,
+    http_host: str = "127.0.0.1",
+    http_port: int | None = None,
+    http_no_auth: bool = False,
+    http_limits: HttpLimits | None = None,
 ) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down cleanly.
 
@@ -45,7 +51,9 @@ async def serve_async(
     connection and then the allocator (its shard processes). ``noop`` serves
     without an allocator (claims answered with a constant code). With
     ``tls_cert``/``tls_key`` the port speaks TLS, and plain text only if not
-    ``tls_required``.
+    ``tls_required``. ``http_port``
+    (None: off) also serves the HTTP API (server/http_api.py) on the same loop
+    and allocator, with the same tokens unless ``http_no_auth``.
     """
     tls = server_context(tls_cert, tls_key or tls_cert) if tls_cert else None
     loop = asyncio.get_running_loop()
@@ -66,6 +74,22 @@ async def serve_async(
             log.warning("listening on %s without %s: tokens and codes cross the network in "
                         "clear text; pass --tls-cert/--tls-key", host,
                         "TLS" if tls is None else "requiring TLS")
+        http = None
+        if http_port is not None:
+            api = HttpApi(alloc, token=token, no_auth=http_no_auth, limits=http_limits,
+                          metrics=metrics, auth_guard=server, extra_stats=server.stats)
+            http = HttpServer(api)
+            try:
+                web_host, web_port = await http.start(http_host, http_port)
+            except BaseException:
+                await server.shutdown()
+                raise
+            log.info("ango HTTP API on http://%s:%d (%s)", web_host, web_port,
+                     "NO AUTHENTICATION" if http_no_auth else "Authorization: Bearer <token>")
+            if http_no_auth:
+                log.warning("the HTTP API requires no token (--http-no-auth): anyone who can "
+                            "reach %s:%d can claim codes, upload and expire batches",
+                            web_host, web_port)
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
@@ -78,7 +102,10 @@ async def serve_async(
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
-            await server.shutdown()
+            if http is not None:
+                await asyncio.gather(http.shutdown(), server.shutdown())
+            else:
+                await server.shutdown()
     log.info("ango: stopped")
 
 

@@ -139,10 +139,12 @@ class ServeProcess:
     """``ango serve`` in a subprocess; started by :meth:`start`, which waits for the ready line."""
 
     READY = re.compile(r"serving on [^:]+:(\d+)")
+    HTTP_READY = re.compile(r"HTTP API on http://[^ ]+:(\d+)")
 
     def __init__(self, *args: str, port: int = 0, env: dict[str, str] | None = None) -> None:
         self.args = list(args)
         self.port = port
+        self.http_port: int | None = None  # the HTTP API's, once started (unless --no-http)
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.stderr_lines: list[str] = []
@@ -160,6 +162,9 @@ class ServeProcess:
             assert self.proc is not None and self.proc.stderr is not None
             for line in self.proc.stderr:
                 self.stderr_lines.append(line)
+                http = self.HTTP_READY.search(line)
+                if http and self.http_port is None:
+                    self.http_port = int(http.group(1))
                 match = self.READY.search(line)
                 if match and not ready.done():
                     ready.set_result(int(match.group(1)))
