@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import logging
 import re
 import time
@@ -44,6 +43,7 @@ from ango.errors import (
     Unavailable,
 )
 from ango.importer import parse_uuid
+from ango.tokens import ADMIN, Authenticator, Scope
 
 from .http_upload import TooLarge, Upload, UploadError
 from .protocol_server import NOOP_CODE
@@ -60,15 +60,15 @@ class MetricsLike(Protocol):
     def observe_claim(self, outcome: str, seconds: float) -> None: ...
     def connection_opened(self, protocol: str) -> None: ...
     def connection_closed(self, protocol: str) -> None: ...
-    def auth_failed(self, protocol: str) -> None: ...
+    def auth_failed(self, protocol: str, address: str | None = None) -> None: ...
     def import_rows(self, n: int) -> None: ...
 
 
 class AuthGuard(Protocol):
     """Counts wrong tokens per address (the protocol server's, shared by both protocols)."""
 
-    def auth_failed(self, address: str) -> None: ...
-    def auth_blocked(self, address: str) -> bool: ...
+    def auth_failed(self, address: str) -> float:
+        """Count one; return how long to wait before answering it."""
 
 
 @dataclass(frozen=True)
@@ -92,11 +92,9 @@ class HttpLimits:
     keep_alive_timeout: int = 60
     #: Open HTTP connections; one more is answered 503 and closed.
     max_connections: int = 1024
-    #: Seconds before a wrong token is answered (slows down guessing).
+    #: Seconds before a wrong token is answered when no protocol server counts
+    #: wrong tokens per address (with one, its growing delay applies).
     auth_failure_delay: float = 0.25
-    #: ``Retry-After`` of a 429 to an address blocked for wrong tokens (the
-    #: protocol server's ``auth_failure_window``).
-    auth_block_retry: int = 60
     #: Seconds a database probe's answer is reused (/healthcheck, /readyz are open).
     probe_cache: float = 1.0
     #: Seconds a database probe may take before PostgreSQL counts as unreachable.
@@ -140,7 +138,9 @@ def http_error(exc: BaseException) -> HttpError:
         return HttpError(503, Unavailable.code, "the database cannot be reached; retry later",
                          _RETRY_AFTER)
     if isinstance(exc, AngoError):
-        status = STATUS_OF.get(type(exc), 500)
+        # The nearest class with a status: subclasses (DatabaseUnavailable is an
+        # Unavailable, ImportInterrupted an ImportFailed) answer like their parent.
+        status = next((STATUS_OF[k] for k in type(exc).__mro__ if k in STATUS_OF), 500)
         if status == 500:
             return HttpError(500, "internal", "internal error")
         return HttpError(status, exc.code, str(exc),
@@ -194,13 +194,14 @@ def _pattern(template: str) -> re.Pattern[str]:
 class Request:
     """What a handler sees of one request."""
 
-    __slots__ = ("scope", "receive", "headers", "params", "body_done", "peer")
+    __slots__ = ("scope", "receive", "headers", "params", "body_done", "peer", "access")
 
     def __init__(self, scope: dict, receive: Callable[[], Awaitable[dict]]) -> None:
         self.scope = scope
         self.receive = receive
         self.headers: dict[bytes, bytes] = dict(scope["headers"])
         self.params: dict[str, str] = {}
+        self.access: Scope = ADMIN  # what the token reaches (set by HttpApi.authorize)
         headers = self.headers
         # A request without a body has read it all already.
         self.body_done = (headers.get(b"content-length", b"0") == b"0"
@@ -242,13 +243,17 @@ class HttpApi:
 
     def __init__(self, allocator: Any | None, *, token: str | None, no_auth: bool = False,
                  limits: HttpLimits | None = None, metrics: MetricsLike | None = None,
-                 auth_guard: AuthGuard | None = None,
-                 extra_stats: Callable[[], dict[str, Any]] | None = None) -> None:
+                 auth_guard: AuthGuard | None = None, authenticator: Authenticator | None = None,
+                 extra_stats: Callable[[], dict[str, Any]] | None = None,
+                 health: Callable[[], dict[str, Any]] | None = None) -> None:
         if not token and not no_auth:
             raise ValueError("a token is required unless no_auth is set")
         self.allocator = allocator
-        self._token = (token or "").encode()
+        # The binary protocol's Authenticator when given (client tokens included),
+        # else one that knows the admin token only.
+        self.auth = authenticator or Authenticator(token or "")
         self.no_auth = no_auth
+        self.health = health
         self.limits = limits or HttpLimits()
         self.metrics = metrics
         self.auth_guard = auth_guard
@@ -282,10 +287,10 @@ class HttpApi:
         try:
             request = Request(scope, receive)
             route, request.params = self._match(scope["path"], scope["method"])
-            if not route.open and not self.no_auth:
-                self._check_not_blocked(request)
-                if not self.authorize(route, request.headers):
-                    await self._refuse(request)
+            access = self.authorize(route, request.headers)
+            if access is None:
+                await self._refuse(request)
+            request.access = access
             status, body, headers = await self._handlers[route.handler](request)
         except Exception as exc:  # every failure becomes a JSON answer
             error = http_error(exc)
@@ -333,34 +338,34 @@ class HttpApi:
 
     # --- auth -----------------------------------------------------------------------
 
-    def authorize(self, route: Route, headers: dict[bytes, bytes]) -> bool:
-        """Whether a request may use ``route``: the one place the HTTP API decides access.
+    def authorize(self, route: Route, headers: dict[bytes, bytes]) -> Scope | None:
+        """What a request may reach (None: refused): the one place the HTTP API decides.
 
         Open routes (health, readiness, metrics, the OpenAPI document) need no
-        token; the others need ``Authorization: Bearer <token>``, the binary
-        protocol's token, unless ``--http-no-auth``. Scoped tokens plug in here.
+        token; the others need ``Authorization: Bearer <token>``: the admin token
+        or a client token (``ango token create``), the binary protocol's tokens,
+        unless ``--http-no-auth`` (every request then acts as the admin).
         """
         if route.open or self.no_auth:
-            return True
+            return ADMIN
         value = headers.get(b"authorization")
         if value is None or value[:7].lower() != b"bearer ":
-            return False
-        return hmac.compare_digest(value[7:].strip(), self._token)
-
-    def _check_not_blocked(self, request: Request) -> None:
-        """429 for an address that sent too many wrong tokens lately (either protocol)."""
-        guard = self.auth_guard
-        if guard is not None and guard.auth_blocked(request.peer):
-            raise HttpError(429, "too_many_auth_failures",
-                            "too many wrong tokens from this address; try later",
-                            [(b"retry-after", b"%d" % self.limits.auth_block_retry)])
+            return None
+        try:
+            token = value[7:].strip().decode()
+        except UnicodeDecodeError:
+            return None
+        return self.auth.lookup(token)
 
     async def _refuse(self, request: Request) -> None:
+        """401 after a delay that grows with the address's recent wrong tokens (both
+        protocols counted together); a correct token is never refused for them."""
         if self.metrics is not None:
-            self.metrics.auth_failed("http")
+            self.metrics.auth_failed("http", request.peer)
+        delay = self.limits.auth_failure_delay
         if self.auth_guard is not None:
-            self.auth_guard.auth_failed(request.peer)
-        await asyncio.sleep(self.limits.auth_failure_delay)
+            delay = self.auth_guard.auth_failed(request.peer)
+        await asyncio.sleep(delay)
         raise HttpError(401, AuthenticationFailed.code,
                         "missing or wrong token: send 'Authorization: Bearer <token>'",
                         [(b"www-authenticate", b'Bearer realm="ango"')])
@@ -392,8 +397,9 @@ class HttpApi:
         metrics = self.metrics
         started = time.perf_counter() if metrics is not None else 0.0
         try:
+            client_id = request.access.claim_client(msg.batchid, msg.clientid)
             code = await self.allocator.claim(msg.batchid, msg.customerid,
-                                              client_id=msg.clientid, request_id=request_id)
+                                              client_id=client_id, request_id=request_id)
         except AngoError as exc:
             if metrics is not None:
                 metrics.observe_claim(exc.code, time.perf_counter() - started)
@@ -408,24 +414,27 @@ class HttpApi:
         return self.allocator
 
     async def _list_batches(self, request: Request) -> tuple[int, bytes, list]:
-        rows = await self._need_allocator().batches()
+        rows = await self._need_allocator().batches(client_id=request.access.client_id)
         if not request.query_flag("all"):
             rows = [row for row in rows if not row["expired"]]
         return 200, _encode(rows), []
 
     async def _get_batch(self, request: Request) -> tuple[int, bytes, list]:
         wanted = str(_batch_id(request.params["id"]))
-        for row in await self._need_allocator().batches():
+        for row in await self._need_allocator().batches(client_id=request.access.client_id):
             if row["id"] == wanted:
                 return 200, _encode(row), []
         raise BatchNotFound(f"no batch with id {wanted}")
 
     async def _expire_batch(self, request: Request) -> tuple[int, bytes, list]:
         batch_id = str(_batch_id(request.params["id"]))
-        changed = await self._need_allocator().expire(batch_id)
+        changed = await self._need_allocator().expire(batch_id,
+                                                      client_id=request.access.client_id)
         return 200, _encode({"id": batch_id, "expired": True, "changed": changed}), []
 
     async def _stats(self, request: Request) -> tuple[int, bytes, list]:
+        if not request.access.admin:  # counters would tell one client of the others' traffic
+            return 200, _encode({"protocol": self.health() if self.health else {}}), []
         stats: dict[str, Any] = {"http": self.stats()}
         if self.allocator is not None:
             stats["allocator"] = await self.allocator.stats()
@@ -476,7 +485,8 @@ class HttpApi:
         if self._uploads >= self.limits.max_uploads:
             raise Unavailable(f"{self._uploads} uploads are being imported; retry later")
         self._uploads += 1
-        upload = Upload(alloc.dsn, options[b"boundary"], run=self._in_upload_thread)
+        upload = Upload(alloc.dsn, options[b"boundary"], run=self._in_upload_thread,
+                        only_client=request.access.client_id)
         try:
             size = 0
             while True:

@@ -29,7 +29,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ango.errors import AngoError
-from ango.importer import ImportResult, import_codes
+from ango.importer import ImportResult, import_codes, parse_uuid
 
 #: Bytes of the file waiting for the importer at most (the pipe's bound).
 PIPE_BYTES = 1 << 20
@@ -174,8 +174,9 @@ class Upload:
     """
 
     def __init__(self, dsn: str, boundary: bytes, *,
-                 run: Callable[..., Awaitable[Any]]) -> None:
+                 run: Callable[..., Awaitable[Any]], only_client: str | None = None) -> None:
         self._dsn = dsn
+        self._only_client = only_client  # a client-scoped token uploads for its client only
         self._run = run  # runs a blocking function in a worker thread
         self._loop = asyncio.get_running_loop()
         self.fields: dict[str, str] = {}
@@ -297,10 +298,13 @@ class Upload:
                             self.fields.get("rules") or None)
 
     def _client(self, prefix: bytes) -> str:
-        client = self.fields.get("client_id") or client_of_first_row(prefix)
+        client = self.fields.get("client_id") or client_of_first_row(prefix) or self._only_client
         if not client:
             raise UploadError("CSV must contain 'code' and 'client_id' columns "
                               "(or give the form field client_id)")
+        only = self._only_client
+        if only is not None and str(parse_uuid(client, "client_id")) != only:
+            raise UploadError(f"this token uploads for client {only} only, not {client}")
         return client
 
     async def _file_end(self) -> None:

@@ -77,7 +77,8 @@ async def serve_async(
         http = None
         if http_port is not None:
             api = HttpApi(alloc, token=token, no_auth=http_no_auth, limits=http_limits,
-                          metrics=metrics, auth_guard=server, extra_stats=server.stats)
+                          metrics=metrics, auth_guard=server, authenticator=server.auth,
+                          extra_stats=server.stats, health=server.health)
             http = HttpServer(api)
             try:
                 web_host, web_port = await http.start(http_host, http_port)
