@@ -49,8 +49,12 @@ def _secret_on_command_line(ctx: click.Context, param: click.Parameter,
             return value
     instead = ("ANGO_DSN or ANGO_DSN_FILE" if param.name == "dsn"
                else "ANGO_TOKEN or ANGO_TOKEN_FILE")
-    click.echo(f"warning: --{param.name} on the command line can be read by every user of "
-               f"this machine; use {instead}", err=True)
+    warning = (f"--{param.name} on the command line can be read by every user of this "
+               f"machine; use {instead}")
+    if ctx.info_name == "serve":  # logged once its logging is set up, in its format
+        ctx.meta.setdefault("ango_warnings", []).append(warning)
+    else:
+        click.echo(f"warning: {warning}", err=True)
     return value
 
 
@@ -308,6 +312,8 @@ def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: i
     from ango.tokens import ensure_token, read_token
 
     configure(log_level, log_format)
+    for warning in click.get_current_context().meta.pop("ango_warnings", []):
+        logging.getLogger("ango.cli").warning(warning)
     if token:
         token_source = "token from --token/ANGO_TOKEN"
     elif token_file:

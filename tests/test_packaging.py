@@ -6,9 +6,11 @@ import ast
 import configparser
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +62,12 @@ def test_every_dependency_the_code_imports_is_declared_and_every_declared_one_us
     test = requirements(cfg["options.extras_require"]["test"])
     library = imported("ango", "server")
     assert library <= set(install) | set(embedded)
-    assert set(install) <= library  # nothing declared that nothing uses (psycopg-pool was)
-    assert imported("tests", "benchmarks") <= set(install) | set(test)  # psutil among them
+    # Nothing declared that nothing uses (psycopg-pool was), but for what a library
+    # loads by name: uvicorn's HTTP parser, chosen with http="httptools".
+    assert set(install) - {"httptools"} <= library
+    # psutil among them; starlette only for benchmarks/http_frameworks.py's comparison,
+    # which says to install it.
+    assert imported("tests", "benchmarks") - {"starlette"} <= set(install) | set(test)
 
 
 def test_uvloop_is_required_only_where_it_installs():
@@ -81,12 +87,17 @@ def test_the_clients_import_without_uvloop():
 
 def test_serve_runs_on_asyncio_without_uvloop():
     code = NO_UVLOOP + "from ango.cli import main; main()"
-    env = dict(os.environ, ANGO_TOKEN="t" * 32)
+    env = dict(os.environ, ANGO_TOKEN="t" * 32, ANGO_LOG_LEVEL="info", ANGO_LOG_FORMAT="text")
     proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--noop", "--port", "0"],
                             stderr=subprocess.PIPE, text=True, env=env)
+    seen: list[str] = []
     try:
-        line = proc.stderr.readline()
-        assert "serving on" in line, line + proc.stderr.read()
+        deadline = time.monotonic() + 60
+        while not any("serving on" in line for line in seen):
+            ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)
+            if ready:
+                seen.append(proc.stderr.readline())
     finally:
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=30)[1]

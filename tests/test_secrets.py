@@ -102,7 +102,7 @@ def test_ango_serve_reads_its_token_from_a_file_and_warns_about_one_on_the_comma
         quiet.stop()
     loud = ServeProcess("--noop", "--token", TOKEN, "--data-dir", str(tmp_path / "d2")).start()
     try:
-        assert "warning: --token on the command line can be read by every user" in loud.stderr
+        assert "--token on the command line can be read by every user" in loud.stderr
     finally:
         loud.stop()
 
