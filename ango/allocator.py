@@ -17,7 +17,6 @@ import asyncio
 import functools
 import itertools
 import os
-import re
 import uuid
 import zlib
 from collections.abc import Awaitable
@@ -26,13 +25,13 @@ from typing import Any
 from ango import batches as batches_lib
 from ango import database
 from ango.errors import InvalidInput, Unavailable
+from ango.importer import check_text as _text
 from ango.importer import parse_uuid
 from ango.shards import messages as m
 from ango.shards.supervisor import ShardHandle
 
 MAX_CUSTOMER_ID = 256
 MAX_REQUEST_ID = 128
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 _CANONICAL: dict[str, str] = {}  # UUID strings already parsed: batch ids repeat on every claim
@@ -50,18 +49,6 @@ def _uuid_text(value: object, what: str) -> str:
         _CANONICAL.clear()
     _CANONICAL[value] = text
     return text
-
-
-def _text(value: object, what: str, limit: int) -> str:
-    if not isinstance(value, str):
-        raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
-    if not value:
-        raise InvalidInput(f"{what} must not be empty")
-    if len(value) > limit:
-        raise InvalidInput(f"{what} is longer than {limit} characters")
-    if _CONTROL.search(value):
-        raise InvalidInput(f"{what} contains a control character")
-    return value
 
 
 def partition_of(batch_id: str, customer_id: str, partitions: int) -> int:
@@ -175,6 +162,27 @@ class Allocator:
         with database.connect(self.dsn, autocommit=True) as conn:
             return [b.to_dict() for b in batches_lib.list_batches(conn)]
 
+    async def _read(self, fn, *args):
+        """``fn(conn, *args)`` on a fresh autocommit connection, in a thread."""
+        def call():
+            with database.connect(self.dsn, autocommit=True) as conn:
+                return fn(conn, *args)
+        return await self._in_thread(call)
+
+    async def lookup(self, code: str) -> dict[str, Any]:
+        """Who has ``code``, as `ango lookup --json` prints it (see ango.lookup)."""
+        from ango.lookup import lookup_code
+
+        return (await self._read(lookup_code, code)).to_dict()
+
+    async def customer_codes(self, customer_id: str, batch_id: str | None = None,
+                             limit: int = 1000) -> list[dict[str, Any]]:
+        """The codes ``customer_id`` received, newest first (see ango.lookup)."""
+        from ango.lookup import customer_codes
+
+        rows = await self._read(customer_codes, customer_id, batch_id, limit)
+        return [row.to_dict() for row in rows]
+
     def _on_stats(self, reply: m.StatsReply) -> None:
         waiter = self._stats_waiters.pop(reply.tag_id, None)
         if waiter is not None and not waiter.done():
@@ -273,6 +281,15 @@ class SyncAllocator:
     def batches(self) -> list[dict[str, Any]]:
         """As :meth:`Allocator.batches`, blocking."""
         return self._call(self._allocator.batches())
+
+    def lookup(self, code: str) -> dict[str, Any]:
+        """As :meth:`Allocator.lookup`, blocking."""
+        return self._call(self._allocator.lookup(code))
+
+    def customer_codes(self, customer_id: str, batch_id: str | None = None,
+                       limit: int = 1000) -> list[dict[str, Any]]:
+        """As :meth:`Allocator.customer_codes`, blocking."""
+        return self._call(self._allocator.customer_codes(customer_id, batch_id, limit))
 
     def stats(self) -> dict[str, Any]:
         """As :meth:`Allocator.stats`, blocking."""

@@ -241,3 +241,52 @@ def audit(stale_seconds: float, as_json: bool, dsn: str | None, data_dir: str | 
             click.echo(f"{'FAIL' if rows else 'ok':4}  {name}" + (f": {rows[:3]}" if rows else ""))
     if broken:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("code")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_dsn_option
+@_data_dir_option
+def lookup(code: str, as_json: bool, dsn: str | None, data_dir: str | None) -> None:
+    """Who has CODE: its batch and, if issued, customer, time and request id."""
+    from ango.lookup import lookup_code
+
+    found = _ready(dsn, data_dir)
+    try:
+        with database.connect(found, autocommit=True) as conn:
+            info = lookup_code(conn, code)
+    except AngoError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps(info.to_dict()))
+        return
+    for name, value in info.to_dict().items():
+        if value is not None:
+            click.echo(f"{name + ':':12} {value}")
+
+
+@main.command()
+@click.argument("customer_id")
+@click.option("--batch", "batch_id", default=None, help="Only codes of this batch (UUID).")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 10_000),
+              help="At most this many codes, newest first.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_dsn_option
+@_data_dir_option
+def customer(customer_id: str, batch_id: str | None, limit: int, as_json: bool,
+             dsn: str | None, data_dir: str | None) -> None:
+    """Every code CUSTOMER_ID received, newest first."""
+    from ango.lookup import customer_codes
+
+    found = _ready(dsn, data_dir)
+    try:
+        with database.connect(found, autocommit=True) as conn:
+            rows = customer_codes(conn, customer_id, batch_id, limit)
+    except AngoError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in rows]))
+        return
+    for r in rows:
+        click.echo(f"{r.issued_at}  {r.batch_id}  {r.code}  {r.request_id}")

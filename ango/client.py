@@ -35,12 +35,16 @@ from ango.protocol import (
     BatchList,
     Claim,
     Code,
+    CodeInfo,
+    CustomerCodeList,
+    CustomerCodes,
     Error,
     Expire,
     Expired,
     GetStats,
     Hello,
     ListBatches,
+    Lookup,
     Stats,
     Welcome,
     append_frame,
@@ -92,6 +96,16 @@ def _batches(resp: BatchList) -> list[dict[str, Any]]:
     return [msgspec.structs.asdict(b) for b in resp.batches]
 
 
+def _code_info(resp: CodeInfo) -> dict[str, Any]:
+    info = msgspec.structs.asdict(resp)
+    del info["id"]
+    return info
+
+
+def _customer_codes(resp: CustomerCodeList) -> list[dict[str, Any]]:
+    return [msgspec.structs.asdict(c) for c in resp.codes]
+
+
 class Client:
     """A blocking client over one connection; safe to share between threads (calls take turns).
 
@@ -134,6 +148,16 @@ class Client:
     def stats(self) -> dict[str, Any]:
         """Health and counters of the server and its allocator."""
         return self._request(GetStats, Stats).stats
+
+    def lookup(self, code: str) -> dict[str, Any]:
+        """Who has ``code`` (fields as ``code_info`` in docs/PROTOCOL.md)."""
+        return _code_info(self._request(lambda i: Lookup(i, code), CodeInfo))
+
+    def customer_codes(self, customer_id: str, batch_id: str | None = None,
+                       limit: int = 50) -> list[dict[str, Any]]:
+        """The codes ``customer_id`` received, newest first (at most 50 per call)."""
+        return _customer_codes(self._request(
+            lambda i: CustomerCodes(i, customer_id, batch_id, limit), CustomerCodeList))
 
     def close(self) -> None:
         """Close the connection; the client cannot be used afterwards."""
@@ -440,6 +464,16 @@ class AsyncClient:
     async def stats(self) -> dict[str, Any]:
         """Health and counters of the server and its allocator."""
         return (await self._request(GetStats, Stats)).stats
+
+    async def lookup(self, code: str) -> dict[str, Any]:
+        """Who has ``code`` (fields as ``code_info`` in docs/PROTOCOL.md)."""
+        return _code_info(await self._request(lambda i: Lookup(i, code), CodeInfo))
+
+    async def customer_codes(self, customer_id: str, batch_id: str | None = None,
+                             limit: int = 50) -> list[dict[str, Any]]:
+        """The codes ``customer_id`` received, newest first (at most 50 per call)."""
+        return _customer_codes(await self._request(
+            lambda i: CustomerCodes(i, customer_id, batch_id, limit), CustomerCodeList))
 
     async def close(self) -> None:
         """Close the connection; the client cannot be used afterwards."""

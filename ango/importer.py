@@ -61,6 +61,20 @@ def parse_uuid(value: object, what: str) -> uuid.UUID:
         raise InvalidInput(f"{what} must be a UUID, got {value[:80]!r}") from None
 
 
+def check_text(value: object, what: str, limit: int) -> str:
+    """A non-empty string of at most ``limit`` characters without control
+    characters, or InvalidInput naming ``what``."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidInput(f"{what} must not be empty")
+    if len(value) > limit:
+        raise InvalidInput(f"{what} is longer than {limit} characters")
+    if _CONTROL.search(value):
+        raise InvalidInput(f"{what} contains a control character")
+    return value
+
+
 class _Rows:
     """Validated codes from a binary stream, in blocks of consecutive lines.
 

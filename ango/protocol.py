@@ -77,7 +77,28 @@ class Ping(_Message, tag="ping"):
     id: int
 
 
-Request = Hello | Claim | ListBatches | Expire | GetStats | Ping
+class Lookup(_Message, tag="lookup"):
+    """Who has ``code`` (issue 14); answered with ``code_info``."""
+
+    id: int
+    code: str
+
+
+#: Most codes one ``customer_codes`` answer carries: 50 entries of the longest
+#: fields still fit in a frame.
+MAX_CUSTOMER_CODES_PER_FRAME = 50
+
+
+class CustomerCodes(_Message, tag="customer_codes"):
+    """The codes ``customer_id`` received (of ``batch_id`` if given), newest first."""
+
+    id: int
+    customer_id: str
+    batch_id: str | None = None
+    limit: int = MAX_CUSTOMER_CODES_PER_FRAME
+
+
+Request = Hello | Claim | ListBatches | Expire | GetStats | Ping | Lookup | CustomerCodes
 
 
 # --- responses (server to client) ------------------------------------------------
@@ -155,7 +176,38 @@ class Error(_Message, tag="error"):
     retryable: bool = False
 
 
-Response = Welcome | Code | BatchList | Expired | Stats | Pong | Error
+class CodeInfo(_Message, tag="code_info"):
+    """Answer to ``lookup``; ``status`` is issued, available, expired or never_imported."""
+
+    id: int
+    code: str
+    status: str
+    batch_id: str | None = None
+    batch_name: str | None = None
+    client_id: str | None = None
+    customer_id: str | None = None
+    issued_at: str | None = None
+    request_id: str | None = None
+
+
+class CustomerCode(msgspec.Struct):
+    """One code a customer received, as listed by ``customer_codes``."""
+
+    code: str
+    batch_id: str
+    batch_name: str
+    issued_at: str
+    request_id: str
+
+
+class CustomerCodeList(_Message, tag="customer_code_list"):
+    """Answer to ``customer_codes``, newest first."""
+
+    id: int
+    codes: list[CustomerCode]
+
+
+Response = Welcome | Code | BatchList | Expired | Stats | Pong | Error | CodeInfo | CustomerCodeList
 
 
 class _Envelope(msgspec.Struct):

@@ -24,17 +24,23 @@ from ango import __version__
 from ango.errors import AngoError, AuthenticationFailed, InvalidInput, ProtocolError, Unavailable
 from ango.protocol import (
     HEADER_SIZE,
+    MAX_CUSTOMER_CODES_PER_FRAME,
     PROTOCOL_VERSION,
     Batch,
     BatchList,
     Claim,
     Code,
+    CodeInfo,
+    CustomerCode,
+    CustomerCodeList,
+    CustomerCodes,
     Error,
     Expire,
     Expired,
     GetStats,
     Hello,
     ListBatches,
+    Lookup,
     Ping,
     Pong,
     Stats,
@@ -243,6 +249,8 @@ class Connection(asyncio.Protocol):
                 self.send(Error(msg.id, Unavailable.code, "the server is shutting down", True))
             else:
                 self._call(msg.id, alloc.expire(msg.batch_id), self._expired_reply)
+        else:
+            self._lifecycle(msg)
 
     def _hello(self, msg: Hello) -> None:
         server = self.server
@@ -333,6 +341,34 @@ class Connection(asyncio.Protocol):
     @staticmethod
     def _expired_reply(request_id: int, changed: bool) -> Expired:
         return Expired(request_id, bool(changed))
+
+    # --- the life of a batch and of a code (issue 14) ------------------------------
+
+    def _lifecycle(self, msg: msgspec.Struct) -> None:
+        """Look-ups and batch changes: each one library call of the allocator."""
+        alloc = self.server.allocator
+        if alloc is None:
+            self.send(Error(msg.id, AngoError.code, "not available in noop mode", False))
+            return
+        kind = type(msg)
+        if kind is Lookup:
+            self._call(msg.id, alloc.lookup(msg.code), self._code_info_reply)
+        elif kind is CustomerCodes:
+            if not 1 <= msg.limit <= MAX_CUSTOMER_CODES_PER_FRAME:
+                self.send(Error(msg.id, InvalidInput.code,
+                                f"limit must be between 1 and {MAX_CUSTOMER_CODES_PER_FRAME}",
+                                False))
+                return
+            self._call(msg.id, alloc.customer_codes(msg.customer_id, msg.batch_id, msg.limit),
+                       self._customer_codes_reply)
+
+    @staticmethod
+    def _code_info_reply(request_id: int, info: dict[str, Any]) -> CodeInfo:
+        return CodeInfo(request_id, **info)
+
+    @staticmethod
+    def _customer_codes_reply(request_id: int, rows: list[dict[str, Any]]) -> CustomerCodeList:
+        return CustomerCodeList(request_id, [CustomerCode(**row) for row in rows])
 
     def _failed(self, request_id: int, exc: BaseException) -> None:
         if not isinstance(exc, AngoError):

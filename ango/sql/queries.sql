@@ -348,3 +348,23 @@ WHERE i.code IS NULL LIMIT 10;
 SELECT b.id, count(*) FROM ango.issues i JOIN ango.batches b ON b.key = i.batch_key
 WHERE b.expired AND i.issued_at > b.expired_at
 GROUP BY b.id LIMIT 10;
+
+-- name: lookup_code
+-- Who has a code: its batch and, if issued, to whom, when and for which
+-- request. Issues are read even without the code row (a purged batch's codes
+-- leave nothing behind; a deleted batch keeps its issued codes).
+SELECT b.id, b.name, b.client_id, b.expired, i.customer_id, i.issued_at, i.request_id
+FROM (SELECT %(code)s::text COLLATE "C" AS code) q
+LEFT JOIN ango.codes c ON c.code = %(code)s
+LEFT JOIN ango.issues i ON i.code = %(code)s
+LEFT JOIN ango.batches b ON b.key = coalesce(c.batch_key, i.batch_key);
+
+-- name: customer_codes
+-- A customer's codes, newest first, optionally of one batch (index
+-- issues_customer); one row more than asked tells whether there are more.
+SELECT i.code, b.id, b.name, i.issued_at, i.request_id
+FROM ango.issues i JOIN ango.batches b ON b.key = i.batch_key
+WHERE i.customer_id = %(customer)s
+  AND (%(batch)s::uuid IS NULL OR b.id = %(batch)s::uuid)
+ORDER BY i.issued_at DESC, i.code
+LIMIT %(limit)s;
