@@ -183,6 +183,13 @@ class Allocator:
         rows = await self._read(customer_codes, customer_id, batch_id, limit)
         return [row.to_dict() for row in rows]
 
+    async def export(self, batch_id: str, what: str, out: Any, fmt: str = "csv") -> int:
+        """Stream the batch's issued or available codes to ``out`` (a binary
+        stream or a path) as CSV or JSON lines; return the rows (see ango.export)."""
+        from ango.export import export_codes
+
+        return await self._read(export_codes, batch_id, what, out, fmt)
+
     def _on_stats(self, reply: m.StatsReply) -> None:
         waiter = self._stats_waiters.pop(reply.tag_id, None)
         if waiter is not None and not waiter.done():
@@ -290,6 +297,10 @@ class SyncAllocator:
                        limit: int = 1000) -> list[dict[str, Any]]:
         """As :meth:`Allocator.customer_codes`, blocking."""
         return self._call(self._allocator.customer_codes(customer_id, batch_id, limit))
+
+    def export(self, batch_id: str, what: str, out: Any, fmt: str = "csv") -> int:
+        """As :meth:`Allocator.export`, blocking."""
+        return self._call(self._allocator.export(batch_id, what, out, fmt))
 
     def stats(self) -> dict[str, Any]:
         """As :meth:`Allocator.stats`, blocking."""

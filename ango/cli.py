@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -32,6 +35,35 @@ def _ready(dsn: str | None, data_dir: str | None) -> str:
         return database.ready_dsn(dsn, data_dir)
     except AngoError as exc:
         raise _fail(exc) from None
+
+
+@contextlib.contextmanager
+def _progress(length: int, label: str, quiet: bool,
+              unit: str = "rows") -> Iterator[Callable[[int], None] | None]:
+    """A callback taking the amount done so far, drawing a bar with the amount,
+    the rate and the ETA on standard error; None under --json or when standard
+    error is not a terminal (nothing is drawn)."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    started = time.monotonic()
+
+    def describe(done: int | None) -> str:
+        if done is None:
+            return ""
+        rate = done / max(time.monotonic() - started, 1e-3)
+        if unit == "bytes":
+            return f"{done / 1e6:,.1f} MB, {rate / 1e6:,.1f} MB/s"
+        return f"{done:,} {unit}, {rate:,.0f} {unit}/s"
+
+    seen = [0]
+    with click.progressbar(length=max(length, 1), label=label, file=sys.stderr, show_eta=True,
+                           item_show_func=describe) as bar:
+        def update(done: int) -> None:
+            bar.update(done - seen[0], done)
+            seen[0] = done
+
+        yield update
 
 
 @click.group()
@@ -290,3 +322,48 @@ def customer(customer_id: str, batch_id: str | None, limit: int, as_json: bool,
         return
     for r in rows:
         click.echo(f"{r.issued_at}  {r.batch_id}  {r.code}  {r.request_id}")
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--issued", "what", flag_value="issued",
+              help="The issued codes: code, customer_id, issued_at, request_id.")
+@click.option("--available", "what", flag_value="available",
+              help="The codes not issued, in import order.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv",
+              show_default=True, help="CSV with a header, or one JSON object per line.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write to this file (default: standard output).")
+@click.option("--json", "as_json", is_flag=True,
+              help="With -o: print a JSON summary instead of a sentence.")
+@_dsn_option
+@_data_dir_option
+def export(batch_id: str, what: str | None, fmt: str, output: Path | None, as_json: bool,
+           dsn: str | None, data_dir: str | None) -> None:
+    """Stream BATCH_ID's issued or available codes (COPY ... TO STDOUT)."""
+    from ango.export import export_codes, plan_export
+
+    if what is None:
+        raise click.UsageError("choose --issued or --available")
+    if as_json and output is None:
+        raise click.UsageError("--json needs -o FILE (the codes go to standard output)")
+    found = _ready(dsn, data_dir)
+    try:
+        with database.connect(found, autocommit=True) as conn:
+            plan = plan_export(conn, batch_id, what, fmt)  # checked before the file is made
+            out = open(output, "wb") if output is not None else sys.stdout.buffer
+            try:
+                with _progress(plan.expected_rows, "exporting", as_json) as progress:
+                    rows = export_codes(conn, batch_id, what, out, fmt, progress=progress)
+            finally:
+                if output is not None:
+                    out.close()
+    except AngoError as exc:
+        raise _fail(exc) from None
+    if output is None:
+        return
+    if as_json:
+        click.echo(json.dumps({"batch_id": batch_id, "what": what, "format": fmt,
+                               "rows": rows, "file": str(output)}))
+    else:
+        click.echo(f"exported {rows} {what} codes to {output}", err=True)

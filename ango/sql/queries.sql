@@ -368,3 +368,29 @@ WHERE i.customer_id = %(customer)s
   AND (%(batch)s::uuid IS NULL OR b.id = %(batch)s::uuid)
 ORDER BY i.issued_at DESC, i.code
 LIMIT %(limit)s;
+
+-- name: export_batch
+-- The batch an export reads, and how many rows each kind of export will have
+-- (for the progress display).
+SELECT b.key, b.total, (SELECT count(*) FROM ango.issues i WHERE i.batch_key = b.key)
+FROM ango.batches b WHERE b.id = %s;
+
+-- name: export_issued_csv
+-- A batch's issued codes as CSV with a header, oldest issue first.
+COPY (SELECT * FROM ango.issued_codes(%s)) TO STDOUT WITH (FORMAT csv, HEADER);
+
+-- name: export_available_csv
+-- A batch's unissued codes as CSV with a header, in import order.
+COPY (SELECT * FROM ango.available_codes(%s)) TO STDOUT WITH (FORMAT csv, HEADER);
+
+-- name: export_issued_jsonl
+-- The same rows as JSON objects, one a line. CSV with a delimiter and a quote
+-- that JSON text never holds (it escapes control characters) writes each
+-- object verbatim, where the text format would double its backslashes.
+COPY (SELECT row_to_json(e) FROM (SELECT * FROM ango.issued_codes(%s)) e)
+TO STDOUT WITH (FORMAT csv, DELIMITER E'\x02', QUOTE E'\x01');
+
+-- name: export_available_jsonl
+-- As export_issued_jsonl, for the unissued codes.
+COPY (SELECT row_to_json(e) FROM (SELECT * FROM ango.available_codes(%s)) e)
+TO STDOUT WITH (FORMAT csv, DELIMITER E'\x02', QUOTE E'\x01');
