@@ -190,6 +190,15 @@ class Allocator:
 
         return await self._read(export_codes, batch_id, what, out, fmt)
 
+    async def top_up(self, source: Any, batch_id: str, client_id: str | None = None) -> int:
+        """Add the codes of ``source`` (a path or binary stream) to a running batch;
+        the shards see them without a restart. Returns the codes added (see
+        ango.importer.top_up)."""
+        from ango.importer import top_up
+
+        result = await self._in_thread(top_up, self.dsn, source, batch_id, client_id)
+        return result.imported
+
     def _on_stats(self, reply: m.StatsReply) -> None:
         waiter = self._stats_waiters.pop(reply.tag_id, None)
         if waiter is not None and not waiter.done():
@@ -301,6 +310,10 @@ class SyncAllocator:
     def export(self, batch_id: str, what: str, out: Any, fmt: str = "csv") -> int:
         """As :meth:`Allocator.export`, blocking."""
         return self._call(self._allocator.export(batch_id, what, out, fmt))
+
+    def top_up(self, source: Any, batch_id: str, client_id: str | None = None) -> int:
+        """As :meth:`Allocator.top_up`, blocking."""
+        return self._call(self._allocator.top_up(source, batch_id, client_id))
 
     def stats(self) -> dict[str, Any]:
         """As :meth:`Allocator.stats`, blocking."""

@@ -91,32 +91,35 @@ def migrate(dsn: str | None, data_dir: str | None, partitions: int) -> None:
 
 @main.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--client", "client_id", required=True, help="Client id (UUID) owning the batch.")
-@click.option("--batch", "batch_name", required=True, help="Name of the new batch.")
+@click.option("--client", "client_id", default=None,
+              help="Client id (UUID) owning the batch (required for a new batch).")
+@click.option("--batch", "batch_name", default=None, help="Name of the new batch.")
+@click.option("--into", "into", default=None,
+              help="Add the codes to this existing batch (UUID) instead of creating one.")
 @click.option("--rules", default=None,
               help='Rules JSON, e.g. {"maxpercustomer": 2, "timelimit": 30}.')
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_dsn_option
 @_data_dir_option
-def import_cmd(file: Path, client_id: str, batch_name: str, rules: str | None, as_json: bool,
-               dsn: str | None, data_dir: str | None) -> None:
-    """Create a batch from FILE (CSV with client_id,code, or one code per line)."""
-    from ango.importer import import_codes
+def import_cmd(file: Path, client_id: str | None, batch_name: str | None, into: str | None,
+               rules: str | None, as_json: bool, dsn: str | None, data_dir: str | None) -> None:
+    """Create a batch from FILE (CSV with client_id,code, or one code per line),
+    or add FILE's codes to an existing batch with --into."""
+    from ango.importer import import_codes, top_up
 
+    if into is not None:
+        if batch_name is not None or rules is not None:
+            raise click.UsageError("--into adds to an existing batch: no --batch or --rules")
+    elif client_id is None or batch_name is None:
+        raise click.UsageError("a new batch needs --client and --batch (or use --into BATCH_ID)")
     found = _ready(dsn, data_dir)
-    size = os.path.getsize(file)
     try:
-        if sys.stderr.isatty() and not as_json:
-            with click.progressbar(length=size, label="importing", file=sys.stderr) as bar:
-                seen = [0]
-
-                def progress(done: int) -> None:
-                    bar.update(done - seen[0])
-                    seen[0] = done
-
-                result = import_codes(found, file, client_id, batch_name, rules, progress=progress)
-        else:
-            result = import_codes(found, file, client_id, batch_name, rules)
+        with _progress(os.path.getsize(file), "importing", as_json, "bytes") as progress:
+            if into is not None:
+                result = top_up(found, file, into, client_id, progress=progress)
+            else:
+                result = import_codes(found, file, client_id, batch_name, rules,
+                                      progress=progress)
     except AngoError as exc:
         raise _fail(exc) from None
     if as_json:

@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 import psycopg
 
-from ango.errors import ImportFailed, InvalidInput
+from ango.errors import BatchExpired, BatchNotFound, ImportFailed, InvalidInput
 from ango.rules import parse_rules
 from ango.sql import queries
 
@@ -256,9 +256,9 @@ def _code_order(codes: list[str]) -> list[int]:
     return sorted(range(len(codes)), key=codes.__getitem__)
 
 
-def _copy_blocks(rows: _Rows, batch_key: int) -> Iterator[tuple[int, str, int]]:
-    """(codes so far, COPY text of the next block, bytes read) for ``ango.codes``."""
-    seq = 0
+def _copy_blocks(rows: _Rows, batch_key: int, seq: int = 0) -> Iterator[tuple[int, str, int]]:
+    """(last seq so far, COPY text of the next block, bytes read) for ``ango.codes``;
+    the codes are numbered after ``seq`` (0 for a new batch, its total for a top-up)."""
     for codes in rows:
         first = seq + 1
         seq += len(codes)
@@ -354,19 +354,37 @@ def import_codes(
 
 def _import(dsn, stream, client, batch_name, rules_json, progress) -> ImportResult:
     batch_id = uuid.uuid4()
+
+    def create(conn: psycopg.Connection) -> tuple[int, int]:
+        conn.execute(queries["ensure_client"], (client,))
+        (batch_key,) = conn.execute(
+            queries["insert_batch"],
+            (batch_id, client, batch_name, psycopg.types.json.Jsonb(rules_json)),
+        ).fetchone()
+        return batch_key, 0
+
+    def finish(conn: psycopg.Connection, batch_key: int, added: int) -> None:
+        conn.execute(queries["set_batch_total"], (added, batch_key))
+        conn.execute(queries["insert_lease_cursor"], (batch_key, added))
+
+    return ImportResult(batch_id, _load(dsn, stream, client, create, finish, progress))
+
+
+def _load(dsn: str, stream: BinaryIO, client: uuid.UUID,
+          begin: Callable[[psycopg.Connection], tuple[int, int]],
+          finish: Callable[[psycopg.Connection, int, int], None],
+          progress: Callable[[int], None] | None) -> int:
+    """One transaction: ``begin`` gives the batch key and the last seq, the file's
+    codes are COPYed after it, ``finish`` records the count; return the count."""
     # Where the file starts, to read it again for an error report.
     start = stream.tell() if stream.seekable() else None
     rows = _Rows(stream, client)
-    seq = 0
     with psycopg.connect(dsn) as conn:
         try:
-            conn.execute(queries["ensure_client"], (client,))
-            (batch_key,) = conn.execute(
-                queries["insert_batch"],
-                (batch_id, client, batch_name, psycopg.types.json.Jsonb(rules_json)),
-            ).fetchone()
+            batch_key, first = begin(conn)
+            seq = first
             with (
-                _Background(_copy_blocks(rows, batch_key)) as blocks,
+                _Background(_copy_blocks(rows, batch_key, first)) as blocks,
                 conn.cursor().copy(queries["copy_codes"]) as copy,
             ):
                 for done, text, consumed in blocks:
@@ -374,10 +392,9 @@ def _import(dsn, stream, client, batch_name, rules_json, progress) -> ImportResu
                     seq = done
                     if progress is not None:
                         progress(consumed)
-            if seq == 0:
+            if seq == first:
                 raise ImportFailed("the file holds no codes; nothing was imported")
-            conn.execute(queries["set_batch_total"], (seq, batch_key))
-            conn.execute(queries["insert_lease_cursor"], (batch_key, seq))
+            finish(conn, batch_key, seq - first)
         except psycopg.errors.UniqueViolation as exc:
             conn.rollback()
             raise _duplicate_error(conn, stream, start, client, exc) from None
@@ -385,7 +402,54 @@ def _import(dsn, stream, client, batch_name, rules_json, progress) -> ImportResu
             conn.rollback()
             raise
         conn.commit()
-    return ImportResult(batch_id, seq)
+    return seq - first
+
+
+def top_up(
+    dsn: str,
+    source: str | Path | BinaryIO,
+    batch_id: str | uuid.UUID,
+    client_id: str | uuid.UUID | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> ImportResult:
+    """Add a file's codes to an existing batch; all or nothing, same checks as an import.
+
+    Codes must be new across all batches. The batch row is locked ``FOR NO KEY
+    UPDATE`` (claims, which lock it ``FOR KEY SHARE``, go on; another top-up or
+    an expiry waits), the codes are numbered after the batch's last ``seq``, and
+    the batch's total and lease cursor grow in the same transaction: once it
+    commits, shards lease the new codes at their next need, without a restart,
+    and a batch that was exhausted is claimable again. Raises BatchNotFound,
+    BatchExpired, ImportFailed (naming the line) or InvalidInput.
+    """
+    bid = parse_uuid(batch_id, "batch id")
+    given = None if client_id is None else parse_uuid(client_id, "client id")
+    # The batch's client, to check the file's client_id column against.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(queries["batch_for_top_up"], (bid,)).fetchone()
+    if row is None:
+        raise BatchNotFound(f"no batch with id {bid}")
+    client = row[1]
+    if given is not None and given != client:
+        raise InvalidInput(f"batch {bid} belongs to client {client}, not {given}")
+
+    def begin(conn: psycopg.Connection) -> tuple[int, int]:
+        row = conn.execute(queries["lock_batch_for_top_up"], (bid,)).fetchone()
+        if row is None:
+            raise BatchNotFound(f"no batch with id {bid}")
+        key, _, total, expired = row
+        if expired:
+            raise BatchExpired(f"batch {bid} has expired; codes cannot be added to it")
+        return key, total
+
+    def finish(conn: psycopg.Connection, batch_key: int, added: int) -> None:
+        conn.execute(queries["grow_batch"], {"key": batch_key, "added": added})
+
+    if isinstance(source, (str, Path)):
+        with open(source, "rb") as stream:
+            return ImportResult(bid, _load(dsn, stream, client, begin, finish, progress))
+    return ImportResult(bid, _load(dsn, source, client, begin, finish, progress))
 
 
 def _duplicate_error(

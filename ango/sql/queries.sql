@@ -394,3 +394,20 @@ TO STDOUT WITH (FORMAT csv, DELIMITER E'\x02', QUOTE E'\x01');
 -- As export_issued_jsonl, for the unissued codes.
 COPY (SELECT row_to_json(e) FROM (SELECT * FROM ango.available_codes(%s)) e)
 TO STDOUT WITH (FORMAT csv, DELIMITER E'\x02', QUOTE E'\x01');
+
+-- name: batch_for_top_up
+-- The batch a top-up adds to, and its client (checked against the file).
+SELECT key, client_id FROM ango.batches WHERE id = %s;
+
+-- name: lock_batch_for_top_up
+-- FOR NO KEY UPDATE: group commits (FOR KEY SHARE) go on meanwhile; another
+-- top-up, an expiry, a rule or schedule change (FOR UPDATE) waits. New codes
+-- are numbered after `total`.
+SELECT key, client_id, total, expired FROM ango.batches WHERE id = %s FOR NO KEY UPDATE;
+
+-- name: grow_batch
+-- A top-up's codes join the batch and its lease cursor: leasing resumes.
+WITH cursor AS (
+    UPDATE ango.lease_cursors SET total = total + %(added)s WHERE batch_key = %(key)s
+)
+UPDATE ango.batches SET total = total + %(added)s WHERE key = %(key)s;
