@@ -199,6 +199,28 @@ class Allocator:
         result = await self._in_thread(top_up, self.dsn, source, batch_id, client_id)
         return result.imported
 
+    async def set_schedule(self, batch_id: str, starts_at: Any = None,
+                           expires_at: Any = None, *, keep_start: bool = False,
+                           keep_end: bool = False) -> dict[str, Any]:
+        """Set a batch's ``starts_at`` and ``expires_at`` (None clears; ``keep_*``
+        leaves one as it is); every claim committed after this returns follows
+        the new schedule (see ango.schedules)."""
+        from ango.schedules import UNCHANGED, set_schedule
+
+        start = UNCHANGED if keep_start else starts_at
+        end = UNCHANGED if keep_end else expires_at
+        return (await self._read(set_schedule, batch_id, start, end)).to_dict()
+
+    async def set_rules(self, batch_id: str, rules: Any) -> dict[str, Any] | None:
+        """Replace a batch's rules (JSON text, a dict or None); every claim committed
+        after this returns is judged by them (see ango.batches.set_rules)."""
+        return await self._read(batches_lib.set_rules, batch_id, rules)
+
+    async def delete(self, batch_id: str, purge: bool = False) -> dict[str, Any]:
+        """Delete an expired batch's unissued codes and leases, or with ``purge``
+        every trace of it (see ango.batches.delete_batch)."""
+        return await self._read(batches_lib.delete_batch, batch_id, purge)
+
     def _on_stats(self, reply: m.StatsReply) -> None:
         waiter = self._stats_waiters.pop(reply.tag_id, None)
         if waiter is not None and not waiter.done():
@@ -314,6 +336,20 @@ class SyncAllocator:
     def top_up(self, source: Any, batch_id: str, client_id: str | None = None) -> int:
         """As :meth:`Allocator.top_up`, blocking."""
         return self._call(self._allocator.top_up(source, batch_id, client_id))
+
+    def set_schedule(self, batch_id: str, starts_at: Any = None, expires_at: Any = None, *,
+                     keep_start: bool = False, keep_end: bool = False) -> dict[str, Any]:
+        """As :meth:`Allocator.set_schedule`, blocking."""
+        return self._call(self._allocator.set_schedule(
+            batch_id, starts_at, expires_at, keep_start=keep_start, keep_end=keep_end))
+
+    def set_rules(self, batch_id: str, rules: Any) -> dict[str, Any] | None:
+        """As :meth:`Allocator.set_rules`, blocking."""
+        return self._call(self._allocator.set_rules(batch_id, rules))
+
+    def delete(self, batch_id: str, purge: bool = False) -> dict[str, Any]:
+        """As :meth:`Allocator.delete`, blocking."""
+        return self._call(self._allocator.delete(batch_id, purge))
 
     def stats(self) -> dict[str, Any]:
         """As :meth:`Allocator.stats`, blocking."""

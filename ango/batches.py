@@ -8,8 +8,9 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
-from ango.errors import BatchNotFound
+from ango.errors import BatchNotFound, InvalidInput
 from ango.importer import parse_uuid
 from ango.sql import queries
 
@@ -67,3 +68,64 @@ def expire_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> bool:
         key, already = row
         conn.execute(queries["expire_batch"], {"key": key})
     return not already
+
+
+def set_rules(conn: psycopg.Connection, batch_id: str | uuid.UUID,
+              rules: str | dict | None) -> dict[str, Any] | None:
+    """Replace a live batch's rules; return them in canonical form (None: no limit).
+
+    The batch row is locked ``FOR UPDATE`` (in-flight group commits finish
+    first; later ones wait), the rules and their rule slots are rebuilt from the
+    batch's issues in the same transaction, and the group commit reads the rule
+    from the row it locks: every claim committed after this returns is judged
+    by the new rules. A customer already above a tightened limit keeps the codes
+    received and gets no more until below it (with a window: until enough of
+    those issues are older than the window). Shards re-read rules within a
+    second, so a loosened rule may still be refused from memory for that long.
+    Raises InvalidInput (bad rules), BatchNotFound or BatchExpired; nothing
+    changes then.
+    """
+    from ango.rules import parse_rules
+    from ango.schedules import lock_live_batch
+
+    bid = parse_uuid(batch_id, "batch id")
+    parsed = parse_rules(rules)
+    canonical = parsed.to_json()
+    rule = parsed.per_customer
+    with conn.transaction():
+        key, *_ = lock_live_batch(conn, bid)
+        conn.execute(queries["set_batch_rules"], {"key": key, "rules": Jsonb(canonical)})
+        conn.execute(queries["clear_rule_slots"], {"key": key})
+        if rule is not None and rule.window_days is None:
+            conn.execute(queries["number_fixed_slots"], {"key": key})
+        elif rule is not None:
+            conn.execute(queries["fill_window_slots"], {"key": key, "limit": rule.limit})
+    return canonical
+
+
+def delete_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID,
+                 purge: bool = False) -> dict[str, Any]:
+    """Delete a batch that is over (expired, or past its scheduled end).
+
+    Without ``purge``: its unissued codes, leases and lease cursor go; its
+    issued codes and their issues stay (lookups and exports still find them),
+    and the batch stays listed, expired, with a total of what was issued. With
+    ``purge``: the batch and every issue of it go too. Idempotent. Returns the
+    counts removed. Raises BatchNotFound, or InvalidInput for a live batch;
+    nothing changes then.
+    """
+    bid = parse_uuid(batch_id, "batch id")
+    with conn.transaction():
+        row = conn.execute(queries["lock_batch_for_delete"], (bid,)).fetchone()
+        if row is None:
+            raise BatchNotFound(f"no batch with id {bid}")
+        key, over = row
+        if not over:
+            raise InvalidInput(f"batch {bid} is live: expire it first (ango expire {bid})")
+        if purge:
+            codes, issues = conn.execute(queries["purge_batch"], {"key": key}).fetchone()
+        else:
+            (codes,) = conn.execute(queries["delete_unissued"], {"key": key}).fetchone()
+            issues = 0
+    return {"batch_id": str(bid), "purged": purge, "codes_deleted": codes,
+            "issues_deleted": issues}

@@ -98,18 +98,25 @@ def migrate(dsn: str | None, data_dir: str | None, partitions: int) -> None:
               help="Add the codes to this existing batch (UUID) instead of creating one.")
 @click.option("--rules", default=None,
               help='Rules JSON, e.g. {"maxpercustomer": 2, "timelimit": 30}.')
+@click.option("--starts-at", default=None,
+              help="Hand out codes from this time on (ISO 8601 with a zone, e.g. "
+                   "2026-12-01T09:00:00Z).")
+@click.option("--expires-at", default=None,
+              help="Hand out no code from this time on (ISO 8601 with a zone).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_dsn_option
 @_data_dir_option
 def import_cmd(file: Path, client_id: str | None, batch_name: str | None, into: str | None,
-               rules: str | None, as_json: bool, dsn: str | None, data_dir: str | None) -> None:
+               rules: str | None, starts_at: str | None, expires_at: str | None, as_json: bool,
+               dsn: str | None, data_dir: str | None) -> None:
     """Create a batch from FILE (CSV with client_id,code, or one code per line),
     or add FILE's codes to an existing batch with --into."""
     from ango.importer import import_codes, top_up
 
     if into is not None:
-        if batch_name is not None or rules is not None:
-            raise click.UsageError("--into adds to an existing batch: no --batch or --rules")
+        if any(v is not None for v in (batch_name, rules, starts_at, expires_at)):
+            raise click.UsageError("--into adds to an existing batch: no --batch, --rules, "
+                                   "--starts-at or --expires-at (see ango rules, ango schedule)")
     elif client_id is None or batch_name is None:
         raise click.UsageError("a new batch needs --client and --batch (or use --into BATCH_ID)")
     found = _ready(dsn, data_dir)
@@ -119,7 +126,8 @@ def import_cmd(file: Path, client_id: str | None, batch_name: str | None, into: 
                 result = top_up(found, file, into, client_id, progress=progress)
             else:
                 result = import_codes(found, file, client_id, batch_name, rules,
-                                      progress=progress)
+                                      progress=progress, starts_at=starts_at,
+                                      expires_at=expires_at)
     except AngoError as exc:
         raise _fail(exc) from None
     if as_json:
@@ -370,3 +378,80 @@ def export(batch_id: str, what: str | None, fmt: str, output: Path | None, as_js
                                "rows": rows, "file": str(output)}))
     else:
         click.echo(f"exported {rows} {what} codes to {output}", err=True)
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--starts-at", default=None,
+              help="New start (ISO 8601 with a zone), or 'none' to clear it.")
+@click.option("--expires-at", default=None,
+              help="New end (ISO 8601 with a zone, in the future), or 'none' to clear it.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_dsn_option
+@_data_dir_option
+def schedule(batch_id: str, starts_at: str | None, expires_at: str | None, as_json: bool,
+             dsn: str | None, data_dir: str | None) -> None:
+    """Change when BATCH_ID hands out codes; prints the schedule."""
+    from ango.schedules import UNCHANGED, set_schedule
+
+    found = _ready(dsn, data_dir)
+    try:
+        with database.connect(found, autocommit=True) as conn:
+            result = set_schedule(conn, batch_id,
+                                  UNCHANGED if starts_at is None else starts_at,
+                                  UNCHANGED if expires_at is None else expires_at)
+    except AngoError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        click.echo(f"starts_at: {result.starts_at or '-'}  expires_at: {result.expires_at or '-'}")
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--set", "rules", required=True,
+              help='New rules JSON, e.g. {"maxpercustomer": 1}; null removes every limit.')
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_dsn_option
+@_data_dir_option
+def rules(batch_id: str, rules: str, as_json: bool, dsn: str | None,
+          data_dir: str | None) -> None:
+    """Replace BATCH_ID's rules; every claim committed afterwards follows them."""
+    found = _ready(dsn, data_dir)
+    try:
+        with database.connect(found, autocommit=True) as conn:
+            result = batches_lib.set_rules(conn, batch_id, rules)
+    except AngoError as exc:
+        raise _fail(exc) from None
+    click.echo(json.dumps({"batch_id": batch_id, "rules": result}) if as_json
+               else f"rules: {json.dumps(result)}")
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--purge", is_flag=True,
+              help="Also remove the issued codes and the record of who got them.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation of --purge.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_dsn_option
+@_data_dir_option
+def delete(batch_id: str, purge: bool, yes: bool, as_json: bool, dsn: str | None,
+           data_dir: str | None) -> None:
+    """Delete an expired BATCH_ID's unissued codes and leases (issues are kept)."""
+    if purge and not yes:
+        click.confirm(f"Remove batch {batch_id} and the record of every code it issued?",
+                      abort=True, err=True)
+    found = _ready(dsn, data_dir)
+    try:
+        with database.connect(found, autocommit=True) as conn:
+            result = batches_lib.delete_batch(conn, batch_id, purge)
+    except AngoError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps(result))
+    elif purge:
+        click.echo(f"purged {batch_id}: {result['codes_deleted']} codes, "
+                   f"{result['issues_deleted']} issues")
+    else:
+        click.echo(f"deleted {result['codes_deleted']} unissued codes of {batch_id}")

@@ -23,6 +23,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -333,13 +334,20 @@ def import_codes(
     rules: str | dict | None = None,
     *,
     progress: Callable[[int], None] | None = None,
+    starts_at: str | datetime | None = None,
+    expires_at: str | datetime | None = None,
 ) -> ImportResult:
     """Create a batch from a file of codes; all or nothing.
 
     ``progress`` is called now and then with the number of bytes read.
-    Raises ImportFailed (naming the line) or InvalidInput; on any error nothing
-    is imported.
+    ``starts_at`` / ``expires_at`` (aware datetimes or ISO 8601 text) schedule
+    the batch (see ango.schedules). Raises ImportFailed (naming the line) or
+    InvalidInput; on any error nothing is imported.
     """
+    from ango.schedules import check_order, parse_instant
+
+    schedule = (parse_instant(starts_at, "starts_at"), parse_instant(expires_at, "expires_at"))
+    check_order(*schedule)
     client = parse_uuid(client_id, "client id")
     if not isinstance(batch_name, str) or not batch_name.strip() or len(batch_name) > 200:
         raise InvalidInput("batch name must be 1 to 200 characters")
@@ -348,11 +356,13 @@ def import_codes(
     parsed = parse_rules(rules)
     if isinstance(source, (str, Path)):
         with open(source, "rb") as stream:
-            return _import(dsn, stream, client, batch_name, parsed.to_json(), progress)
-    return _import(dsn, source, client, batch_name, parsed.to_json(), progress)
+            return _import(dsn, stream, client, batch_name, parsed.to_json(), progress,
+                           schedule)
+    return _import(dsn, source, client, batch_name, parsed.to_json(), progress, schedule)
 
 
-def _import(dsn, stream, client, batch_name, rules_json, progress) -> ImportResult:
+def _import(dsn, stream, client, batch_name, rules_json, progress,
+            schedule=(None, None)) -> ImportResult:
     batch_id = uuid.uuid4()
 
     def create(conn: psycopg.Connection) -> tuple[int, int]:
@@ -361,6 +371,9 @@ def _import(dsn, stream, client, batch_name, rules_json, progress) -> ImportResu
             queries["insert_batch"],
             (batch_id, client, batch_name, psycopg.types.json.Jsonb(rules_json)),
         ).fetchone()
+        if schedule != (None, None):
+            conn.execute(queries["set_batch_schedule"],
+                         {"key": batch_key, "starts_at": schedule[0], "expires_at": schedule[1]})
         return batch_key, 0
 
     def finish(conn: psycopg.Connection, batch_key: int, added: int) -> None:
