@@ -55,6 +55,14 @@ def list_batches(conn: psycopg.Connection) -> list[BatchInfo]:
     return [_info(row) for row in conn.execute(queries["list_batches"])]
 
 
+def lock_batch(conn: psycopg.Connection, query: str, bid: uuid.UUID) -> tuple:
+    """The row of ``queries[query]`` (which locks the batch ``bid``) or BatchNotFound."""
+    row = conn.execute(queries[query], (bid,)).fetchone()
+    if row is None:
+        raise BatchNotFound(f"no batch with id {bid}")
+    return row
+
+
 def expire_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> bool:
     """Mark a batch expired; return False if it already was. Idempotent.
 
@@ -62,10 +70,7 @@ def expire_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> bool:
     """
     bid = parse_uuid(batch_id, "batch id")
     with conn.transaction():
-        row = conn.execute(queries["lock_batch_for_expiry"], (bid,)).fetchone()
-        if row is None:
-            raise BatchNotFound(f"no batch with id {bid}")
-        key, already = row
+        key, already = lock_batch(conn, "lock_batch_for_expiry", bid)
         conn.execute(queries["expire_batch"], {"key": key})
     return not already
 
@@ -116,10 +121,7 @@ def delete_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID,
     """
     bid = parse_uuid(batch_id, "batch id")
     with conn.transaction():
-        row = conn.execute(queries["lock_batch_for_delete"], (bid,)).fetchone()
-        if row is None:
-            raise BatchNotFound(f"no batch with id {bid}")
-        key, over = row
+        key, over = lock_batch(conn, "lock_batch_for_delete", bid)
         if not over:
             raise InvalidInput(f"batch {bid} is live: expire it first (ango expire {bid})")
         if purge:

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -64,6 +65,16 @@ def _progress(length: int, label: str, quiet: bool,
             seen[0] = done
 
         yield update
+
+
+def _on_db(dsn: str | None, data_dir: str | None, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(conn, *args)`` on the resolved database; an AngoError becomes a message."""
+    found = _ready(dsn, data_dir)
+    try:
+        with database.connect(found, autocommit=True) as conn:
+            return fn(conn, *args)
+    except AngoError as exc:
+        raise _fail(exc) from None
 
 
 @click.group()
@@ -295,12 +306,7 @@ def lookup(code: str, as_json: bool, dsn: str | None, data_dir: str | None) -> N
     """Who has CODE: its batch and, if issued, customer, time and request id."""
     from ango.lookup import lookup_code
 
-    found = _ready(dsn, data_dir)
-    try:
-        with database.connect(found, autocommit=True) as conn:
-            info = lookup_code(conn, code)
-    except AngoError as exc:
-        raise _fail(exc) from None
+    info = _on_db(dsn, data_dir, lookup_code, code)
     if as_json:
         click.echo(json.dumps(info.to_dict()))
         return
@@ -322,12 +328,7 @@ def customer(customer_id: str, batch_id: str | None, limit: int, as_json: bool,
     """Every code CUSTOMER_ID received, newest first."""
     from ango.lookup import customer_codes
 
-    found = _ready(dsn, data_dir)
-    try:
-        with database.connect(found, autocommit=True) as conn:
-            rows = customer_codes(conn, customer_id, batch_id, limit)
-    except AngoError as exc:
-        raise _fail(exc) from None
+    rows = _on_db(dsn, data_dir, customer_codes, customer_id, batch_id, limit)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in rows]))
         return
@@ -358,19 +359,18 @@ def export(batch_id: str, what: str | None, fmt: str, output: Path | None, as_js
         raise click.UsageError("choose --issued or --available")
     if as_json and output is None:
         raise click.UsageError("--json needs -o FILE (the codes go to standard output)")
-    found = _ready(dsn, data_dir)
-    try:
-        with database.connect(found, autocommit=True) as conn:
-            plan = plan_export(conn, batch_id, what, fmt)  # checked before the file is made
-            out = open(output, "wb") if output is not None else sys.stdout.buffer
-            try:
-                with _progress(plan.expected_rows, "exporting", as_json) as progress:
-                    rows = export_codes(conn, batch_id, what, out, fmt, progress=progress)
-            finally:
-                if output is not None:
-                    out.close()
-    except AngoError as exc:
-        raise _fail(exc) from None
+
+    def run(conn) -> int:
+        plan = plan_export(conn, batch_id, what, fmt)  # checked before the file is made
+        out = open(output, "wb") if output is not None else sys.stdout.buffer
+        try:
+            with _progress(plan.expected_rows, "exporting", as_json) as progress:
+                return export_codes(conn, batch_id, what, out, fmt, progress=progress)
+        finally:
+            if output is not None:
+                out.close()
+
+    rows = _on_db(dsn, data_dir, run)
     if output is None:
         return
     if as_json:
@@ -394,14 +394,9 @@ def schedule(batch_id: str, starts_at: str | None, expires_at: str | None, as_js
     """Change when BATCH_ID hands out codes; prints the schedule."""
     from ango.schedules import UNCHANGED, set_schedule
 
-    found = _ready(dsn, data_dir)
-    try:
-        with database.connect(found, autocommit=True) as conn:
-            result = set_schedule(conn, batch_id,
-                                  UNCHANGED if starts_at is None else starts_at,
-                                  UNCHANGED if expires_at is None else expires_at)
-    except AngoError as exc:
-        raise _fail(exc) from None
+    result = _on_db(dsn, data_dir, set_schedule, batch_id,
+                    UNCHANGED if starts_at is None else starts_at,
+                    UNCHANGED if expires_at is None else expires_at)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:
@@ -418,12 +413,7 @@ def schedule(batch_id: str, starts_at: str | None, expires_at: str | None, as_js
 def rules(batch_id: str, rules: str, as_json: bool, dsn: str | None,
           data_dir: str | None) -> None:
     """Replace BATCH_ID's rules; every claim committed afterwards follows them."""
-    found = _ready(dsn, data_dir)
-    try:
-        with database.connect(found, autocommit=True) as conn:
-            result = batches_lib.set_rules(conn, batch_id, rules)
-    except AngoError as exc:
-        raise _fail(exc) from None
+    result = _on_db(dsn, data_dir, batches_lib.set_rules, batch_id, rules)
     click.echo(json.dumps({"batch_id": batch_id, "rules": result}) if as_json
                else f"rules: {json.dumps(result)}")
 
@@ -442,12 +432,7 @@ def delete(batch_id: str, purge: bool, yes: bool, as_json: bool, dsn: str | None
     if purge and not yes:
         click.confirm(f"Remove batch {batch_id} and the record of every code it issued?",
                       abort=True, err=True)
-    found = _ready(dsn, data_dir)
-    try:
-        with database.connect(found, autocommit=True) as conn:
-            result = batches_lib.delete_batch(conn, batch_id, purge)
-    except AngoError as exc:
-        raise _fail(exc) from None
+    result = _on_db(dsn, data_dir, batches_lib.delete_batch, batch_id, purge)
     if as_json:
         click.echo(json.dumps(result))
     elif purge:

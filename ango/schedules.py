@@ -24,7 +24,7 @@ from typing import Any
 
 import psycopg
 
-from ango.errors import BatchExpired, BatchNotFound, InvalidInput
+from ango.errors import BatchExpired, InvalidInput
 from ango.importer import parse_uuid
 from ango.sql import queries
 
@@ -85,10 +85,9 @@ def lock_live_batch(conn: psycopg.Connection, bid: uuid.UUID
     Returns its key, start, end and the database's clock once locked. Raises
     BatchNotFound, or BatchExpired when it is expired or past its end.
     """
-    row = conn.execute(queries["lock_batch_for_change"], (bid,)).fetchone()
-    if row is None:
-        raise BatchNotFound(f"no batch with id {bid}")
-    key, expired, starts_at, expires_at = row
+    from ango.batches import lock_batch
+
+    key, expired, starts_at, expires_at = lock_batch(conn, "lock_batch_for_change", bid)
     (now,) = conn.execute(queries["db_clock"]).fetchone()
     if expired or (expires_at is not None and expires_at <= now):
         raise BatchExpired(f"batch {bid} has ended; a batch that ended stays ended")
