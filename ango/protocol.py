@@ -98,7 +98,33 @@ class CustomerCodes(_Message, tag="customer_codes"):
     limit: int = MAX_CUSTOMER_CODES_PER_FRAME
 
 
-Request = Hello | Claim | ListBatches | Expire | GetStats | Ping | Lookup | CustomerCodes
+class SetRules(_Message, tag="set_rules"):
+    """Replace a batch's rules (nil: no limit); answered with ``rules_set``."""
+
+    id: int
+    batch_id: str
+    rules: dict[str, Any] | None
+
+
+class SetSchedule(_Message, tag="set_schedule"):
+    """Change a batch's start and/or end; an absent field keeps its value, nil clears it."""
+
+    id: int
+    batch_id: str
+    starts_at: str | None | msgspec.UnsetType = msgspec.UNSET
+    expires_at: str | None | msgspec.UnsetType = msgspec.UNSET
+
+
+class DeleteBatch(_Message, tag="delete"):
+    """Delete an expired batch's unissued codes and leases (``purge``: every trace)."""
+
+    id: int
+    batch_id: str
+    purge: bool = False
+
+
+Request = (Hello | Claim | ListBatches | Expire | GetStats | Ping | Lookup | CustomerCodes
+    | SetRules | SetSchedule | DeleteBatch)
 
 
 # --- responses (server to client) ------------------------------------------------
@@ -207,7 +233,34 @@ class CustomerCodeList(_Message, tag="customer_code_list"):
     codes: list[CustomerCode]
 
 
-Response = Welcome | Code | BatchList | Expired | Stats | Pong | Error | CodeInfo | CustomerCodeList
+class RulesSet(_Message, tag="rules_set"):
+    """Answer to ``set_rules``: the rules now in force, in canonical form."""
+
+    id: int
+    rules: dict[str, Any] | None
+
+
+class ScheduleSet(_Message, tag="schedule"):
+    """Answer to ``set_schedule``: the batch's schedule now (ISO 8601 or nil)."""
+
+    id: int
+    batch_id: str
+    starts_at: str | None
+    expires_at: str | None
+
+
+class Deleted(_Message, tag="deleted"):
+    """Answer to ``delete``: what was removed."""
+
+    id: int
+    batch_id: str
+    purged: bool
+    codes_deleted: int
+    issues_deleted: int
+
+
+Response = (Welcome | Code | BatchList | Expired | Stats | Pong | Error | CodeInfo
+            | CustomerCodeList | RulesSet | ScheduleSet | Deleted)
 
 
 class _Envelope(msgspec.Struct):

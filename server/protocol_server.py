@@ -34,6 +34,8 @@ from ango.protocol import (
     CustomerCode,
     CustomerCodeList,
     CustomerCodes,
+    DeleteBatch,
+    Deleted,
     Error,
     Expire,
     Expired,
@@ -43,6 +45,10 @@ from ango.protocol import (
     Lookup,
     Ping,
     Pong,
+    RulesSet,
+    ScheduleSet,
+    SetRules,
+    SetSchedule,
     Stats,
     Welcome,
     append_frame,
@@ -361,10 +367,34 @@ class Connection(asyncio.Protocol):
                 return
             self._call(msg.id, alloc.customer_codes(msg.customer_id, msg.batch_id, msg.limit),
                        self._customer_codes_reply)
+        elif self.server.draining:  # changes are refused while shutting down, as expire is
+            self.send(Error(msg.id, Unavailable.code, "the server is shutting down", True))
+        elif kind is SetRules:
+            self._call(msg.id, alloc.set_rules(msg.batch_id, msg.rules), self._rules_reply)
+        elif kind is SetSchedule:
+            keep_start, keep_end = msg.starts_at is msgspec.UNSET, msg.expires_at is msgspec.UNSET
+            self._call(msg.id, alloc.set_schedule(
+                msg.batch_id, None if keep_start else msg.starts_at,
+                None if keep_end else msg.expires_at, keep_start=keep_start, keep_end=keep_end),
+                self._schedule_reply)
+        elif kind is DeleteBatch:
+            self._call(msg.id, alloc.delete(msg.batch_id, msg.purge), self._deleted_reply)
 
     @staticmethod
     def _code_info_reply(request_id: int, info: dict[str, Any]) -> CodeInfo:
         return CodeInfo(request_id, **info)
+
+    @staticmethod
+    def _rules_reply(request_id: int, rules: dict[str, Any] | None) -> RulesSet:
+        return RulesSet(request_id, rules)
+
+    @staticmethod
+    def _schedule_reply(request_id: int, schedule: dict[str, Any]) -> ScheduleSet:
+        return ScheduleSet(request_id, **schedule)
+
+    @staticmethod
+    def _deleted_reply(request_id: int, result: dict[str, Any]) -> Deleted:
+        return Deleted(request_id, **result)
 
     @staticmethod
     def _customer_codes_reply(request_id: int, rows: list[dict[str, Any]]) -> CustomerCodeList:
