@@ -20,7 +20,7 @@ import ango
 from ango.audit import violations
 from ango.cli import main
 from ango.export import export_codes
-from tests.helpers import make_batch
+from tests.helpers import CLIENT, make_batch
 
 
 def cli(dsn: str, *args: str):
@@ -96,29 +96,48 @@ def test_cli_export_to_stdout_and_to_a_file_with_a_json_summary(dsn, db, tmp_pat
     assert len(target.read_text().splitlines()) == 3
 
 
-def test_export_shows_progress_on_a_terminal_only(dsn, tmp_path):
-    batch = make_batch(dsn, 30_000)
+def on_a_terminal(*args: str) -> tuple[int, str]:
+    """Run ``ango ARGS`` with standard error on a pseudo-terminal: (exit status, what it drew)."""
     primary, secondary = pty.openpty()
-    env = dict(os.environ, COLUMNS="120")
-    proc = subprocess.run(
-        [sys.executable, "-m", "ango", "export", batch, "--available", "-o",
-         str(tmp_path / "x.csv"), "--dsn", dsn],
-        stderr=secondary, stdout=subprocess.PIPE, env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "ango", *args], stderr=secondary,
+                          stdout=subprocess.PIPE, env=dict(os.environ, COLUMNS="120"),
+                          timeout=120)
     os.close(secondary)
     drawn = b""
     while True:
         try:
             chunk = os.read(primary, 65536)
-        except OSError:
+        except OSError:  # the terminal's other end is closed: all read
             break
         if not chunk:
             break
         drawn += chunk
     os.close(primary)
-    assert proc.returncode == 0
-    text = drawn.decode(errors="replace")
+    return proc.returncode, drawn.decode(errors="replace")
+
+
+def test_export_shows_progress_on_a_terminal_only(dsn, tmp_path):
+    batch = make_batch(dsn, 30_000)
+    status, text = on_a_terminal("export", batch, "--available", "-o", str(tmp_path / "x.csv"),
+                                 "--dsn", dsn)
+    assert status == 0
     assert "exporting" in text and "30,000 rows" in text and "rows/s" in text, text
     assert "exported 30000 available codes" in text
+    status, text = on_a_terminal("export", batch, "--available", "-o", str(tmp_path / "y.csv"),
+                                 "--json", "--dsn", dsn)
+    assert status == 0 and text == ""  # --json: quiet even on a terminal
+
+
+def test_import_shows_progress_on_a_terminal_only(dsn, tmp_path):
+    path = tmp_path / "codes.txt"
+    path.write_text("".join(f"p-{n:07d}\n" for n in range(200_000)))
+    status, text = on_a_terminal("import", str(path), "--client", CLIENT, "--batch", "b",
+                                 "--dsn", dsn)
+    assert status == 0
+    assert "importing" in text and "MB/s" in text and "100%" in text, text
+    status, text = on_a_terminal("import", str(path), "--client", CLIENT, "--batch", "b",
+                                 "--json", "--dsn", dsn)
+    assert status == 1 and "importing" not in text  # refused (codes exist), and quiet
 
 
 def test_export_during_claims_holds_every_claim_answered_before_it(dsn, db):
