@@ -28,6 +28,8 @@ class BatchInfo:
     issued: int
     available: int
     created_at: str
+    starts_at: str | None = None
+    expires_at: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields, as `ango batches --json` prints them."""
@@ -35,7 +37,7 @@ class BatchInfo:
 
 
 def _info(row: tuple) -> BatchInfo:
-    batch_id, name, client_id, rules, expired, total, issued, created_at = row
+    batch_id, name, client_id, rules, expired, total, issued, created_at, starts, ends = row
     created = created_at.isoformat() if isinstance(created_at, datetime) else str(created_at)
     return BatchInfo(
         id=str(batch_id),
@@ -47,6 +49,8 @@ def _info(row: tuple) -> BatchInfo:
         issued=issued,
         available=total - issued,
         created_at=created,
+        starts_at=starts.isoformat() if starts is not None else None,
+        expires_at=ends.isoformat() if ends is not None else None,
     )
 
 

@@ -160,6 +160,8 @@ class Batch(msgspec.Struct):
     issued: int
     available: int
     created_at: str
+    starts_at: str | None = None   # added in ango 0.2 (issue 14): the schedule
+    expires_at: str | None = None
 
 
 class BatchList(_Message, tag="batch_list"):

@@ -105,6 +105,8 @@ def _batch(row: dict[str, Any]) -> Batch:
         issued=int(row["issued"]),
         available=int(row["available"]),
         created_at=created if isinstance(created, str) else created.isoformat() if created else "",
+        starts_at=row.get("starts_at"),
+        expires_at=row.get("expires_at"),
     )
 
 

@@ -60,6 +60,10 @@ def test_after_the_end_a_claim_is_refused_exactly_like_an_expired_batch(dsn, db)
         for who in ("bob", "cy"):
             with pytest.raises(ango.BatchExpired):
                 alloc.claim(batch, who)
+        (unissued,) = db.execute("SELECT code FROM ango.codes WHERE NOT EXISTS "
+                                 "(SELECT 1 FROM ango.issues i WHERE i.code = codes.code) "
+                                 "LIMIT 1").fetchone()
+        assert alloc.lookup(unissued)["status"] == "expired"
         with pytest.raises(ango.BatchExpired, match="stays ended"):
             alloc.set_schedule(batch, keep_start=True,
                                expires_at=datetime.now(UTC) + timedelta(days=1))
@@ -142,6 +146,8 @@ def test_cli_import_with_a_schedule_and_ango_schedule(dsn, db, tmp_path):
     batch = json.loads(result.stdout)["batch_id"]
     row = db.execute("SELECT starts_at, expires_at FROM ango.batches").fetchone()
     assert row == (datetime(2031, 1, 1, tzinfo=UTC), datetime(2031, 1, 31, 23, tzinfo=UTC))
+    [listed] = json.loads(cli(dsn, "batches", "--json").stdout)
+    assert [datetime.fromisoformat(listed[k]) for k in ("starts_at", "expires_at")] == list(row)
     result = cli(dsn, "schedule", batch, "--expires-at", "none", "--json")
     assert json.loads(result.stdout)["expires_at"] is None
     bad = cli(dsn, "schedule", batch, "--expires-at", "yesterday")

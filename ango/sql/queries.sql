@@ -56,7 +56,7 @@ SELECT b.id FROM ango.codes c JOIN ango.batches b ON b.key = c.batch_key WHERE c
 -- Every batch with its counts; available = total - issued.
 SELECT b.id, b.name, b.client_id, b.rules, b.expired, b.total,
        (SELECT count(*) FROM ango.issues i WHERE i.batch_key = b.key) AS issued,
-       b.created_at
+       b.created_at, b.starts_at, b.expires_at
 FROM ango.batches b
 ORDER BY b.created_at, b.key;
 
@@ -388,7 +388,8 @@ GROUP BY b.id LIMIT 10;
 -- Who has a code: its batch and, if issued, to whom, when and for which
 -- request. Issues are read even without the code row (a purged batch's codes
 -- leave nothing behind; a deleted batch keeps its issued codes).
-SELECT b.id, b.name, b.client_id, b.expired, i.customer_id, i.issued_at, i.request_id
+SELECT b.id, b.name, b.client_id, b.expired OR coalesce(b.expires_at <= now(), false),
+       i.customer_id, i.issued_at, i.request_id
 FROM (SELECT %(code)s::text COLLATE "C" AS code) q
 LEFT JOIN ango.codes c ON c.code = %(code)s
 LEFT JOIN ango.issues i ON i.code = %(code)s
