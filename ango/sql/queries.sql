@@ -397,7 +397,7 @@ LEFT JOIN ango.batches b ON b.key = coalesce(c.batch_key, i.batch_key);
 
 -- name: customer_codes
 -- A customer's codes, newest first, optionally of one batch (index
--- issues_customer); one row more than asked tells whether there are more.
+-- issues_customer finds them; a customer's few codes are then sorted).
 SELECT i.code, b.id, b.name, i.issued_at, i.request_id
 FROM ango.issues i JOIN ango.batches b ON b.key = i.batch_key
 WHERE i.customer_id = %(customer)s
