@@ -4,7 +4,8 @@
         code = await alloc.claim(batch_id, customer_id, request_id="order-17")
 
 The Allocator resolves the database (embedded PostgreSQL when no DSN is
-configured), applies the schema, and starts one shard process per CPU core.
+configured), applies the schema, and starts one shard process per CPU core
+(fewer if PostgreSQL has not the connections for them: see shards_for).
 A claim for (batch, customer) goes to the shard owning hash(batch, customer)
 modulo the partition count, so that customer's rule counter lives in one
 process; the shard answers from codes leased into its memory, after the group
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import logging
 import os
 import uuid
 import zlib
@@ -24,11 +26,21 @@ from typing import Any
 
 from ango import batches as batches_lib
 from ango import database
-from ango.errors import InvalidInput, Unavailable
+from ango.errors import ConfigurationError, InvalidInput, Unavailable
+from ango.health import DatabaseWatch
 from ango.importer import check_text as _text
 from ango.importer import parse_uuid
 from ango.shards import messages as m
-from ango.shards.supervisor import ShardHandle
+from ango.shards.supervisor import (
+    ALLOCATOR_CONNECTIONS,
+    Deadlines,
+    ShardHandle,
+    connections_needed,
+    connections_per_shard,
+)
+from ango.tally import GROUP_SIZE_BUCKETS, SECONDS_BUCKETS, Tally, merged
+
+log = logging.getLogger("ango.allocator")
 
 MAX_CUSTOMER_ID = 256
 MAX_REQUEST_ID = 128
@@ -51,6 +63,36 @@ def _uuid_text(value: object, what: str) -> str:
     return text
 
 
+def shards_for(requested: int | None, budget: database.ConnectionBudget,
+               cores: int | None = None) -> int:
+    """How many shards to start: ``requested``, or one per core, as PostgreSQL allows.
+
+    A requested count that does not fit is refused, naming the numbers. The
+    default is one per core, capped to leave one shard's connections free (for
+    an operator's psql, or a restarted shard whose old connections linger).
+    """
+    per = connections_per_shard()
+    free = budget.available
+    fits = max(0, (free - ALLOCATOR_CONNECTIONS) // per)
+    wanted = requested or cores or os.cpu_count() or 1
+    if requested is not None and requested <= fits:
+        return requested
+    if requested is None and fits >= 1:
+        chosen = min(wanted, max(1, fits - 1))
+        if chosen < wanted:
+            log.warning("starting %d shard(s), not one per core (%d): PostgreSQL has room for "
+                        "%d more connections (%s), and each shard holds %d",
+                        chosen, wanted, free, budget.describe(), per)
+        return chosen
+    wanted = requested or 1  # by default, even one shard does not fit
+    advice = f"use at most {fits} shard(s), or raise" if fits else "raise"
+    raise ConfigurationError(
+        f"{wanted} shard(s) need {connections_needed(wanted)} PostgreSQL connections "
+        f"({per} per shard + {ALLOCATOR_CONNECTIONS} for the Allocator), but PostgreSQL has "
+        f"room for {free} more ({budget.describe()}); {advice} max_connections or the "
+        f"CONNECTION LIMIT, or close other connections")
+
+
 def partition_of(batch_id: str, customer_id: str, partitions: int) -> int:
     """The partition owning a customer's counters in a batch (stable across processes)."""
     return zlib.crc32(f"{batch_id}/{customer_id}".encode()) % partitions
@@ -60,10 +102,14 @@ class Allocator:
     """Hands out codes through shard processes; see the module docstring."""
 
     def __init__(self, dsn: str | None = None, *, shards: int | None = None,
-                 data_dir: str | os.PathLike[str] | None = None) -> None:
+                 data_dir: str | os.PathLike[str] | None = None,
+                 deadlines: Deadlines | None = None) -> None:
+        """``deadlines``: how hung shards are found and claims bounded (see Deadlines)."""
         if shards is not None and not 1 <= shards <= 256:
             raise InvalidInput(f"shards must be between 1 and 256, got {shards}")
         self._dsn_given = dsn
+        self._shards_requested = shards
+        self._deadlines = deadlines or Deadlines()
         self._data_dir = data_dir
         self.shard_count = shards or os.cpu_count() or 1
         self.instance = str(uuid.uuid4())
@@ -74,6 +120,7 @@ class Allocator:
         self._tags = itertools.count(1)
         self._stats_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._open = False
+        self.database: DatabaseWatch | None = None
 
     async def __aenter__(self) -> Allocator:
         await self.start()
@@ -89,12 +136,14 @@ class Allocator:
     async def start(self) -> None:
         """Resolve the database, apply the schema and start the shards."""
         self.dsn = await self._in_thread(database.ready_dsn, self._dsn_given, self._data_dir)
-        self.partitions = await self._in_thread(self._read_partitions)
+        self.partitions, budget = await self._in_thread(self._read_layout)
+        self.shard_count = shards_for(self._shards_requested, budget)
         parts_of: list[list[int]] = [[] for _ in range(self.shard_count)]
         for part in range(self.partitions):
             parts_of[part % self.shard_count].append(part)
         self._shards = [
-            ShardHandle(i, self.shard_count, self.instance, parts_of[i], self.dsn, self._on_stats)
+            ShardHandle(i, self.shard_count, self.instance, parts_of[i], self.dsn, self._on_stats,
+                        self._deadlines)
             for i in range(self.shard_count)
         ]
         try:
@@ -104,17 +153,21 @@ class Allocator:
                                  return_exceptions=True)
             raise
         self._route = [self._shards[p % self.shard_count] for p in range(self.partitions)]
+        self.database = DatabaseWatch(self.dsn)
+        await self.database.start()
         self._open = True
 
-    def _read_partitions(self) -> int:
+    def _read_layout(self) -> tuple[int, database.ConnectionBudget]:
         with database.connect(self.dsn) as conn:
-            return database.partition_count(conn)
+            return database.partition_count(conn), database.connection_budget(conn)
 
     async def close(self) -> None:
         """Finish the claims in flight, stop the shards, release their leases."""
         if not self._shards:
             return
         self._open = False
+        if self.database is not None:
+            await self.database.close()
         await asyncio.gather(*(s.stop() for s in self._shards), return_exceptions=True)
         self._shards = []
 
@@ -226,36 +279,101 @@ class Allocator:
         if waiter is not None and not waiter.done():
             waiter.set_result(reply.stats)
 
-    async def stats(self) -> dict[str, Any]:
-        """Health and counters: shards alive, claims in flight and served, leases held."""
+    async def _poll_shards(self, timeout: float) -> list[dict[str, Any]]:
+        """Each shard's own counters, asked over its link; a silent one is marked so."""
         loop = asyncio.get_running_loop()
         waits = []
         for shard in self._shards:
             future = loop.create_future()
+            tag = next(self._tags)
             if shard.alive:
-                tag = next(self._tags)
                 self._stats_waiters[tag] = future
                 shard.request_stats(tag)
             else:
                 future.set_result({"shard": shard.index, "alive": False})
-            waits.append(future)
+            waits.append((tag, future))
         per_shard: list[dict[str, Any]] = []
-        for future in waits:
+        for shard, (tag, future) in zip(self._shards, waits, strict=True):
             try:
-                per_shard.append(await asyncio.wait_for(future, 2.0))
+                found = dict(await asyncio.wait_for(future, timeout), alive=shard.alive)
             except TimeoutError:
-                per_shard.append({"alive": False, "error": "no answer within 2 s"})
+                self._stats_waiters.pop(tag, None)
+                found = {"shard": shard.index, "alive": False,
+                         "error": f"no answer within {timeout:g} s"}
+            # Counted by the supervisor, so they include the shard's dead incarnations.
+            found.update(claims_served=shard.served, claims_refused=shard.refused,
+                         groups=shard.group_sizes.count, restarts=shard.restarts)
+            per_shard.append(found)
+        return per_shard
+
+    async def stats(self) -> dict[str, Any]:
+        """Health and counters: shards alive, claims in flight and served, leases held.
+
+        Claims served and group commits are counted by the supervisor from the
+        shards' answers, so they stay right across shard restarts; leases and
+        codes held are what each live shard holds now.
+        """
+        per_shard = await self._poll_shards(2.0)
+        sizes, seconds = self.group_commits()
+        database = self.database
         return {
             "shards": self.shard_count,
-            "shards_alive": sum(1 for s in self._shards if s.alive),
+            "shards_alive": self.shards_alive,
             "partitions": self.partitions,
             "in_flight": sum(len(s.in_flight) for s in self._shards),
-            "claims_served": sum(s.get("claims_served", 0) for s in per_shard),
+            "claims_served": self.claims_served,
+            "claims_refused": sum(s.refused for s in self._shards),
             "leases_held": sum(s.get("leases_held", 0) for s in per_shard),
             "codes_held": sum(s.get("codes_held", 0) for s in per_shard),
-            "restarts": sum(s.restarts for s in self._shards),
+            "restarts": self.restarts,
+            "group_commits": {"size": sizes.summary(), "seconds": seconds.summary()},
+            "database": {"up": database.up if database else False,
+                         "error": database.error if database else "not started"},
             "per_shard": per_shard,
         }
+
+    def group_commits(self) -> tuple[Tally, Tally]:
+        """Claims per group commit and its duration, over every shard and incarnation."""
+        return (merged((s.group_sizes for s in self._shards), GROUP_SIZE_BUCKETS),
+                merged((s.group_seconds for s in self._shards), SECONDS_BUCKETS))
+
+    @property
+    def claims_served(self) -> int:
+        """Claims answered with a code by the shards, every incarnation counted."""
+        return sum(s.served for s in self._shards)
+
+    @property
+    def shards_alive(self) -> int:
+        """Shard processes alive now."""
+        return sum(1 for s in self._shards if s.alive)
+
+    @property
+    def restarts(self) -> int:
+        """Shard processes restarted since the Allocator started."""
+        return sum(s.restarts for s in self._shards)
+
+    @property
+    def postgres_version(self) -> str | None:
+        """PostgreSQL's ``server_version``, once the Allocator has started."""
+        return self.database.version if self.database else None
+
+    async def ready(self, timeout: float = 1.0) -> tuple[bool, dict[str, Any]]:
+        """Ready to serve claims: PostgreSQL answers within ``timeout`` and every shard
+        process is alive and answers its link within ``timeout``.
+
+        Returns ``(ready, reasons)``; ``reasons`` names each check and what it found,
+        for a readiness probe's body.
+        """
+        if not self._open or self.database is None:
+            return False, {"allocator": "not running"}
+        reasons: dict[str, Any] = {}
+        db_error, per_shard = await asyncio.gather(self.database.check(),
+                                                   self._poll_shards(timeout))
+        reasons["postgres"] = "ok" if db_error is None else db_error
+        down = [s["shard"] for s in per_shard if not s.get("alive") or "error" in s]
+        reasons["shards"] = (f"{len(per_shard)} of {len(per_shard)} alive" if not down else
+                             f"not serving: {', '.join(map(str, down))}")
+        return db_error is None and not down, reasons
 
     def kill_shard(self, index: int) -> None:
         """SIGKILL shard ``index`` (chaos runs and tests); it is restarted at once."""
@@ -354,6 +472,10 @@ class SyncAllocator:
     def stats(self) -> dict[str, Any]:
         """As :meth:`Allocator.stats`, blocking."""
         return self._call(self._allocator.stats())
+
+    def ready(self, timeout: float = 1.0) -> tuple[bool, dict[str, Any]]:
+        """As :meth:`Allocator.ready`, blocking."""
+        return self._call(self._allocator.ready(timeout))
 
     def close(self) -> None:
         """Stop the shards and the loop thread."""

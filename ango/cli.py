@@ -15,7 +15,24 @@ import click
 
 from ango import batches as batches_lib
 from ango import database
-from ango.errors import AngoError
+from ango.errors import (
+    AngoError,
+    AuthenticationFailed,
+    BatchNotFound,
+    ConfigurationError,
+    DatabaseMissing,
+    DatabaseRefused,
+)
+from ango.logs import FORMATS, LEVELS
+
+#: Exit statuses a script can tell apart (README "Exit status"); click itself exits 2
+#: for a usage error, and `ango audit` 1 when an invariant is broken.
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_REFUSED = 4
+EXIT_UNAVAILABLE = 5
+EXIT_CONFIGURATION = 6
 
 _dsn_option = click.option(
     "--dsn", envvar=None, default=None,
@@ -27,15 +44,35 @@ _data_dir_option = click.option(
 )
 
 
-def _fail(exc: AngoError) -> click.ClickException:
-    return click.ClickException(str(exc))
+class Failure(click.ClickException):
+    """An AngoError as one line on stderr and the exit status for its kind."""
+
+    def __init__(self, exc: AngoError, prefix: str = "") -> None:
+        super().__init__(prefix + " ".join(str(exc).split()))
+        self.exit_code = exit_status(exc)
 
 
-def _ready(dsn: str | None, data_dir: str | None) -> str:
-    try:
-        return database.ready_dsn(dsn, data_dir)
-    except AngoError as exc:
-        raise _fail(exc) from None
+def exit_status(exc: AngoError) -> int:
+    """The exit status of a command that failed with ``exc``."""
+    if isinstance(exc, (DatabaseRefused, AuthenticationFailed)):
+        return EXIT_REFUSED
+    if isinstance(exc, (DatabaseMissing, BatchNotFound)):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, ConfigurationError):
+        return EXIT_CONFIGURATION
+    if exc.retryable:
+        return EXIT_UNAVAILABLE
+    return EXIT_FAILED
+
+
+class _Group(click.Group):
+    """A group whose commands report any AngoError as one line and its exit status."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AngoError as exc:
+            raise Failure(exc) from None
 
 
 @contextlib.contextmanager
@@ -68,16 +105,13 @@ def _progress(length: int, label: str, quiet: bool,
 
 
 def _on_db(dsn: str | None, data_dir: str | None, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(conn, *args)`` on the resolved database; an AngoError becomes a message."""
-    found = _ready(dsn, data_dir)
-    try:
-        with database.connect(found, autocommit=True) as conn:
-            return fn(conn, *args)
-    except AngoError as exc:
-        raise _fail(exc) from None
+    """``fn(conn, *args)`` on the resolved database (an AngoError reaches _Group)."""
+    found = database.ready_dsn(dsn, data_dir)
+    with database.connect(found, autocommit=True) as conn:
+        return fn(conn, *args)
 
 
-@click.group()
+@click.group(cls=_Group)
 @click.version_option(package_name="ango")
 def main() -> None:
     """Ango hands out unique codes to customers, each exactly once."""
@@ -92,11 +126,7 @@ def migrate(dsn: str | None, data_dir: str | None, partitions: int) -> None:
     """Create or upgrade the schema."""
     from ango.config import resolve_dsn
 
-    try:
-        found = resolve_dsn(dsn, data_dir)
-        applied = database.migrate(found, partitions)
-    except AngoError as exc:
-        raise _fail(exc) from None
+    applied = database.migrate(resolve_dsn(dsn, data_dir), partitions)
     click.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
 
 
@@ -114,12 +144,15 @@ def migrate(dsn: str | None, data_dir: str | None, partitions: int) -> None:
                    "2026-12-01T09:00:00Z).")
 @click.option("--expires-at", default=None,
               help="Hand out no code from this time on (ISO 8601 with a zone).")
+@click.option("--header/--no-header", default=None,
+              help="Line 1 is a header / is a code (default: a header if it names 'code'; "
+                   "refused if it only looks like one).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_dsn_option
 @_data_dir_option
 def import_cmd(file: Path, client_id: str | None, batch_name: str | None, into: str | None,
-               rules: str | None, starts_at: str | None, expires_at: str | None, as_json: bool,
-               dsn: str | None, data_dir: str | None) -> None:
+               rules: str | None, starts_at: str | None, expires_at: str | None,
+               header: bool | None, as_json: bool, dsn: str | None, data_dir: str | None) -> None:
     """Create a batch from FILE (CSV with client_id,code, or one code per line),
     or add FILE's codes to an existing batch with --into."""
     from ango.importer import import_codes, top_up
@@ -130,17 +163,19 @@ def import_cmd(file: Path, client_id: str | None, batch_name: str | None, into: 
                                    "--starts-at or --expires-at (see ango rules, ango schedule)")
     elif client_id is None or batch_name is None:
         raise click.UsageError("a new batch needs --client and --batch (or use --into BATCH_ID)")
-    found = _ready(dsn, data_dir)
-    try:
-        with _progress(os.path.getsize(file), "importing", as_json, "bytes") as progress:
-            if into is not None:
-                result = top_up(found, file, into, client_id, progress=progress)
-            else:
-                result = import_codes(found, file, client_id, batch_name, rules,
-                                      progress=progress, starts_at=starts_at,
-                                      expires_at=expires_at)
-    except AngoError as exc:
-        raise _fail(exc) from None
+    found = database.ready_dsn(dsn, data_dir)
+
+    def waiting() -> None:
+        click.echo("another import is running; waiting for it to finish", err=True)
+
+    with _progress(os.path.getsize(file), "importing", as_json, "bytes") as progress:
+        if into is not None:
+            result = top_up(found, file, into, client_id, progress=progress, header=header,
+                            on_wait=waiting)
+        else:
+            result = import_codes(found, file, client_id, batch_name, rules,
+                                  progress=progress, header=header, on_wait=waiting,
+                                  starts_at=starts_at, expires_at=expires_at)
     if as_json:
         click.echo(json.dumps({"batch_id": str(result.batch_id), "imported": result.imported}))
     else:
@@ -153,7 +188,7 @@ def import_cmd(file: Path, client_id: str | None, batch_name: str | None, into: 
 @_data_dir_option
 def batches(as_json: bool, dsn: str | None, data_dir: str | None) -> None:
     """List batches with their counts."""
-    found = _ready(dsn, data_dir)
+    found = database.ready_dsn(dsn, data_dir)
     with database.connect(found, autocommit=True) as conn:
         rows = batches_lib.list_batches(conn)
     if as_json:
@@ -175,12 +210,9 @@ def batches(as_json: bool, dsn: str | None, data_dir: str | None) -> None:
 @_data_dir_option
 def expire(batch_id: str, dsn: str | None, data_dir: str | None) -> None:
     """Expire BATCH_ID: once this returns, no claim of it succeeds."""
-    found = _ready(dsn, data_dir)
-    try:
-        with database.connect(found, autocommit=True) as conn:
-            changed = batches_lib.expire_batch(conn, batch_id)
-    except AngoError as exc:
-        raise _fail(exc) from None
+    found = database.ready_dsn(dsn, data_dir)
+    with database.connect(found, autocommit=True) as conn:
+        changed = batches_lib.expire_batch(conn, batch_id)
     click.echo(f"expired {batch_id}" if changed else f"{batch_id} was already expired")
 
 
@@ -198,37 +230,55 @@ def expire(batch_id: str, dsn: str | None, data_dir: str | None) -> None:
 @click.option("--noop", is_flag=True,
               help="Answer every claim with a constant code, without shards or database "
                    "(measures the transport).")
+@click.option("--db-wait", default=25.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds to wait for PostgreSQL at start-up, trying every SECONDS/5 "
+                   "(at most 5 s; 0: try once).")
+@click.option("--log-level", envvar="ANGO_LOG_LEVEL", default="info", show_default=True,
+              type=click.Choice(LEVELS), help="Least severe log records written (stderr).")
+@click.option("--log-format", envvar="ANGO_LOG_FORMAT", default="text", show_default=True,
+              type=click.Choice(FORMATS), help="text, or json: one JSON object per line.")
 def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: int | None,
-          token: str | None, noop: bool) -> None:
+          token: str | None, noop: bool, db_wait: float, log_level: str, log_format: str) -> None:
     """Serve claims over TCP (docs/PROTOCOL.md) until SIGTERM or SIGINT."""
     import logging
 
+    from ango.logs import configure
+    from ango.server import log_startup
     from ango.server import serve as run_server
     from ango.tokens import ensure_token
 
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("ango").setLevel(logging.INFO)
+    configure(log_level, log_format)
     if token:
         token_source = "token from --token/ANGO_TOKEN"
     else:
         token, path = ensure_token(data_dir)
         token_source = f"token in {path}"
 
-    def ready(server, bound_host: str, bound_port: int) -> None:
-        mode = "noop" if server.noop else f"{server.allocator.shard_count} shards"
-        logging.getLogger("ango.server").info(
-            "ango serving on %s:%d (protocol %d, %s, %s)", bound_host, bound_port,
-            server.stats()["protocol_version"], mode, token_source)
-
+    if not noop:
+        dsn = database.wait_until_ready(dsn, data_dir, seconds=db_wait,
+                                        report=logging.getLogger("ango.database").warning)
     try:
         run_server(dsn=dsn, data_dir=data_dir, token=token, host=host, port=port, shards=shards,
-                   noop=noop, on_ready=ready)
-    except AngoError as exc:
-        raise _fail(exc) from None
+                   noop=noop, on_ready=lambda *where: log_startup(*where, note=token_source))
     except OSError as exc:
         reason = exc.strerror or exc
         raise click.ClickException(f"cannot serve on {host}:{port}: {reason}") from None
+
+
+def _server_options(command):
+    """--host, --port, --token, --timeout, --data-dir: how to reach a running `ango serve`."""
+    for option in reversed((
+        click.option("--host", default="127.0.0.1", show_default=True, help="Server address."),
+        click.option("--port", default=7878, show_default=True, type=click.IntRange(1, 65535),
+                     help="Server port."),
+        click.option("--token", envvar="ANGO_TOKEN", default=None,
+                     help="Server token (else ANGO_TOKEN, else <data dir>/token)."),
+        click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1),
+                     help="Seconds to keep trying, retries included."),
+        _data_dir_option,
+    )):
+        command = option(command)
+    return command
 
 
 @main.command()
@@ -238,14 +288,7 @@ def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: i
               help="Client id (UUID) the batch must belong to.")
 @click.option("--request-id", default=None,
               help="Idempotency key: the same id always returns the same code.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Server address.")
-@click.option("--port", default=7878, show_default=True, type=click.IntRange(1, 65535),
-              help="Server port.")
-@click.option("--token", envvar="ANGO_TOKEN", default=None,
-              help="Server token (else ANGO_TOKEN, else <data dir>/token).")
-@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1),
-              help="Seconds to keep trying, retries included.")
-@_data_dir_option
+@_server_options
 def claim(batch_id: str, customer_id: str, client_id: str | None, request_id: str | None,
           host: str, port: int, token: str | None, timeout: float, data_dir: str | None) -> None:
     """Claim a code of BATCH_ID for CUSTOMER_ID from a running `ango serve`; print it."""
@@ -255,7 +298,7 @@ def claim(batch_id: str, customer_id: str, client_id: str | None, request_id: st
         with Client(host, port, token, timeout, data_dir=data_dir) as client:
             code = client.claim(batch_id, customer_id, client_id=client_id, request_id=request_id)
     except AngoError as exc:
-        raise click.ClickException(f"{exc.code}: {exc}") from None
+        raise Failure(exc, prefix=f"{exc.code}: ") from None
     click.echo(code)
 
 
@@ -267,10 +310,53 @@ def demo(dsn: str | None, data_dir: str | None, shards: int | None) -> None:
     """Import a demo batch, serve it, claim codes over TCP, print the counts."""
     from ango.demo import run_demo
 
-    try:
-        run_demo(dsn, data_dir, shards=shards, echo=click.echo)
-    except AngoError as exc:
-        raise _fail(exc) from None
+    run_demo(dsn, data_dir, shards=shards, echo=click.echo)
+
+
+@main.group()
+def db() -> None:
+    """The embedded PostgreSQL (used when no DSN is configured)."""
+
+
+def _embedded_dir(data_dir: str | None):
+    from ango.config import configured_dsn
+    from ango.config import data_dir as resolve_data_dir
+
+    if configured_dsn():
+        click.echo("note: ANGO_DSN or DATABASE_URL is set: commands use that server, "
+                   "not this one", err=True)
+    return resolve_data_dir(data_dir)
+
+
+@db.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_data_dir_option
+def db_status(as_json: bool, data_dir: str | None) -> None:
+    """Say whether the embedded PostgreSQL runs; exit 3 if it does not."""
+    from ango.config import embedded_status
+
+    status = embedded_status(_embedded_dir(data_dir))
+    if as_json:
+        click.echo(json.dumps(status.to_dict()))
+    elif status.running:
+        where = f"socket {status.socket_dir}, port {status.port}"
+        click.echo(f"running (pid {status.pid}, {where}), data in {status.pgdata}")
+    else:
+        click.echo(f"stopped, data in {status.pgdata}" if status.exists
+                   else f"no embedded PostgreSQL in {status.pgdata}")
+    if not status.running:
+        sys.exit(EXIT_NOT_FOUND)
+
+
+@db.command("stop")
+@_data_dir_option
+def db_stop(data_dir: str | None) -> None:
+    """Stop the embedded PostgreSQL (the next command that needs it starts it again)."""
+    from ango.config import stop_embedded
+
+    status = stop_embedded(_embedded_dir(data_dir))
+    click.echo(f"stopped (pid {status.pid}), data in {status.pgdata}" if status.running
+               else f"was not running, data in {status.pgdata}")
 
 
 @main.command()
@@ -283,7 +369,7 @@ def audit(stale_seconds: float, as_json: bool, dsn: str | None, data_dir: str | 
     """Check the invariants from PostgreSQL alone; exit 1 if any is broken."""
     from ango.audit import check_invariants
 
-    found = _ready(dsn, data_dir)
+    found = database.ready_dsn(dsn, data_dir)
     with database.connect(found, autocommit=True) as conn:
         result = check_invariants(conn, stale_seconds=stale_seconds)
     broken = {name: rows for name, rows in result.items() if rows}
@@ -295,6 +381,27 @@ def audit(stale_seconds: float, as_json: bool, dsn: str | None, data_dir: str | 
             click.echo(f"{'FAIL' if rows else 'ok':4}  {name}" + (f": {rows[:3]}" if rows else ""))
     if broken:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the server's answer as JSON.")
+@_server_options
+def stats(as_json: bool, host: str, port: int, token: str | None, timeout: float,
+          data_dir: str | None) -> None:
+    """Counters and health of a running `ango serve`: claims, shards, leases, database."""
+    from ango.client import Client
+    from ango.stats_table import stats_lines
+
+    try:
+        with Client(host, port, token, timeout, data_dir=data_dir) as client:
+            found = client.stats()
+    except AngoError as exc:
+        raise Failure(exc, prefix=f"{exc.code}: ") from None
+    if as_json:
+        click.echo(json.dumps(found, indent=2, sort_keys=True))
+    else:
+        for line in stats_lines(found):
+            click.echo(line)
 
 
 @main.command()

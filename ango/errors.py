@@ -2,6 +2,9 @@
 
 The server sends these over the wire by ``code`` (see docs/PROTOCOL.md) and the
 clients raise the same classes, so embedded and remote callers handle errors alike.
+Subclasses that only say more (the ``Database*`` kinds of ``Unavailable``,
+``ImportInterrupted``) travel under their parent's code: for a client of the
+server, a database the server cannot use is the server being unavailable.
 """
 
 from __future__ import annotations
@@ -60,16 +63,38 @@ class Unavailable(AngoError):
     retryable = True
 
 
+class DatabaseUnavailable(Unavailable):
+    """PostgreSQL cannot be reached right now (down, starting, too many clients); retry."""
+
+
+class DatabaseRefused(Unavailable):
+    """PostgreSQL refused Ango's user, password or privileges."""
+
+
+class DatabaseMissing(Unavailable):
+    """The database named in the DSN does not exist."""
+
+
 class ImportFailed(AngoError):
     """The import was rejected; nothing was imported."""
 
     code = "import_failed"
 
 
+class ImportInterrupted(ImportFailed):
+    """The database interrupted the import; nothing was imported and a retry is safe."""
+
+    retryable = True
+
+
 class ConfigurationError(AngoError):
     """Ango is not configured correctly."""
 
     code = "configuration"
+
+
+class DatabaseError(AngoError):
+    """PostgreSQL refused a statement for a reason Ango did not expect."""
 
 
 class AuthenticationFailed(AngoError):

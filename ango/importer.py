@@ -12,13 +12,24 @@ Accepted formats:
 * the original's CSV: a header holding ``client_id`` and ``code`` in any order,
   extra columns ignored; every row's client_id must equal the batch's client;
 * one column of codes, with a ``code`` header or no header at all.
+
+Spaces and tabs around each field are trimmed (inside a code they are kept).
+A header never silently becomes a code: unless ``header`` says outright
+whether line 1 is one, a first line that looks like a header and does not
+name ``code`` (a header word such as ``voucher``, columns split by ``;``, tab
+or ``|``, or a line unlike the lines after it) is refused. The file must not
+change while it is read.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import itertools
+import os
 import queue
 import re
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,7 +40,18 @@ from typing import BinaryIO
 
 import psycopg
 
-from ango.errors import BatchExpired, BatchNotFound, ImportFailed, InvalidInput
+from ango import database
+from ango.errors import (
+    BatchExpired,
+    BatchNotFound,
+    DatabaseError,
+    DatabaseMissing,
+    DatabaseRefused,
+    ImportFailed,
+    ImportInterrupted,
+    InvalidInput,
+    Unavailable,
+)
 from ango.rules import parse_rules
 from ango.sql import queries
 
@@ -38,6 +60,20 @@ MAX_LINE_BYTES = 64 * 1024
 _BLOCK_BYTES = 1 << 20
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _COPY_LINE = re.compile(r"line (\d+)")
+# First lines taken for a header of a one-column file (compared lower-case, without
+# spaces, '-' and '_'), unless the caller says there is no header.
+_HEADER_WORDS = frozenset({
+    "code", "codes", "voucher", "vouchers", "vouchercode", "coupon", "coupons", "couponcode",
+    "promo", "promocode", "discount", "discountcode", "giftcard", "giftcardcode", "ticket",
+    "ticketcode", "redemptioncode", "serial", "serialnumber", "pin", "key", "id", "value",
+    "clientid", "client",
+})
+_OTHER_DELIMITERS = (";", "\t", "|")
+# A one-column first line unlike every one of at least this many lines after it
+# (see _unlike) is taken for a header.
+_SHAPE_SAMPLE = 20
+# Held for the whole import transaction, so that imports run one at a time (see import_lock).
+_IMPORT_LOCK = 0x616E6769
 
 
 @dataclass(frozen=True)
@@ -88,9 +124,10 @@ class _Rows:
     and name the line of what is not.
     """
 
-    def __init__(self, stream: BinaryIO, client_id: uuid.UUID) -> None:
+    def __init__(self, stream: BinaryIO, client_id: uuid.UUID, header: bool | None = None) -> None:
         self.stream = stream
         self.client_id = client_id
+        self.header = header  # True/False: the caller says whether line 1 is a header
         self.header_lines = 0
         self.consumed = 0  # bytes of the stream behind the codes yielded so far
         self.width, self.code_at, self.client_at = 1, 0, None
@@ -226,24 +263,80 @@ class _Rows:
         lowered = [f.lower() for f in fields]
         self.consumed = len(first)
         self._next_line = 2
-        if "code" in lowered:
+        blocks = self._blocks()
+        if self.header is not False:
+            self._refuse_other_delimiters(fields)
+        if self.header or (self.header is None and "code" in lowered):
             self.header_lines = 1
             self.width = len(fields)
-            self.code_at = lowered.index("code")
+            self.code_at = lowered.index("code") if "code" in lowered else 0
             self.client_at = lowered.index("client_id") if "client_id" in lowered else None
             if self.client_at is None and self.width != 1:
                 raise self._fail(
                     1, "a header with several columns must name 'client_id' and 'code'"
                 )
         else:
+            if self.header is None:
+                ahead = next(blocks, None)
+                self._refuse_header_like(fields, ahead)
+                blocks = itertools.chain([ahead] if ahead else [], blocks)
             yield [self._code(1, fields)]
-        for block in self._blocks():
+        for block in blocks:
             codes = self._fast(block)
             if codes is None:
                 codes = self._slow(self._next_line, block)
             self._next_line += len(codes)
             self.consumed += len(block)
             yield codes
+
+    def _refuse_other_delimiters(self, fields: list[str]) -> None:
+        """A one-column line 1 that splits on another delimiter into header names."""
+        if len(fields) != 1:
+            return
+        for delimiter in _OTHER_DELIMITERS:
+            names = [f.strip().lower() for f in fields[0].split(delimiter)]
+            if len(names) > 1 and ("code" in names or "client_id" in names):
+                shown = {"\t": "tabs"}.get(delimiter, repr(delimiter))
+                raise self._fail(1, f"the header {fields[0][:80]!r} separates columns with "
+                                    f"{shown}: Ango reads comma-separated columns "
+                                    "(client_id,code) or one code per line")
+
+    def _refuse_header_like(self, fields: list[str], ahead: bytes | None) -> None:
+        """Refuse a line 1 that looks like a header, since the caller did not say."""
+        if len(fields) != 1:
+            return
+        first = fields[0]
+        advice = ("pass --header (header=True) to skip it, or --no-header (header=False) "
+                  "to import it as a code")
+        word = re.sub(r"[\s_-]", "", first.lower())
+        if word in _HEADER_WORDS:
+            raise self._fail(1, f"{first[:80]!r} looks like a header, not a code: {advice}")
+        if ahead is not None and (unlike := _unlike(first, ahead)):
+            raise self._fail(1, f"{first[:80]!r} {unlike}: it looks like a header, not a "
+                                f"code: {advice}")
+
+
+def _unlike(first: str, block: bytes) -> str | None:
+    """How ``first`` differs from every line of ``block`` in kind of character, if it does.
+
+    Digits, lower-case and upper-case letters: a header such as ``Gutscheincode``
+    over codes such as ``7KQ2-M9XD`` has no digit while every code has one.
+    """
+    head = block[:64 * 1024].decode("utf-8", "replace").splitlines()
+    head = head[:1000] if len(head) > 1000 or len(block) <= 64 * 1024 else head[:-1]  # whole lines
+    lines = [line.strip() for line in head]
+    lines = [line for line in lines if line]
+    if len(lines) < _SHAPE_SAMPLE:
+        return None
+    for kind, has in (("digit", str.isdigit), ("lower-case letter", str.islower),
+                      ("upper-case letter", str.isupper)):
+        mine = any(map(has, first))
+        theirs = [any(map(has, line)) for line in lines]
+        if all(theirs) and not mine:
+            return f"has no {kind} while each of the {len(lines)} lines after it has one"
+        if mine and not any(theirs):
+            return f"has a {kind} while none of the {len(lines)} lines after it has one"
+    return None
 
 
 def _code_order(codes: list[str]) -> list[int]:
@@ -334,15 +427,23 @@ def import_codes(
     rules: str | dict | None = None,
     *,
     progress: Callable[[int], None] | None = None,
+    header: bool | None = None,
+    on_wait: Callable[[], None] | None = None,
     starts_at: str | datetime | None = None,
     expires_at: str | datetime | None = None,
 ) -> ImportResult:
     """Create a batch from a file of codes; all or nothing.
 
-    ``progress`` is called now and then with the number of bytes read.
     ``starts_at`` / ``expires_at`` (aware datetimes or ISO 8601 text) schedule
-    the batch (see ango.schedules). Raises ImportFailed (naming the line) or
-    InvalidInput; on any error nothing is imported.
+    the batch (see ango.schedules).
+
+    ``header`` says whether line 1 is a header (True) or a code (False); when
+    None, a line 1 naming ``code`` is a header and one that looks like a header
+    otherwise is refused. ``progress`` is called now and then with the number
+    of bytes read; ``on_wait`` once, before waiting for another import to end
+    (imports run one at a time). Raises ImportFailed (naming the line; ImportInterrupted when
+    the database failed and a retry is safe) or InvalidInput; on any error
+    nothing is imported.
     """
     from ango.schedules import check_order, parse_instant
 
@@ -354,67 +455,114 @@ def import_codes(
     if _CONTROL.search(batch_name):
         raise InvalidInput("batch name contains a control character")
     parsed = parse_rules(rules)
+    options = _Options(parsed.to_json(), progress, header, on_wait, schedule)
+    return _from_source(source, lambda stream: _import(dsn, stream, client, batch_name, options))
+
+
+def _from_source(source: str | Path | BinaryIO, load: Callable[[BinaryIO], ImportResult]
+                 ) -> ImportResult:
+    """``load`` a path (opened and closed here) or a binary stream."""
     if isinstance(source, (str, Path)):
         with open(source, "rb") as stream:
-            return _import(dsn, stream, client, batch_name, parsed.to_json(), progress,
-                           schedule)
-    return _import(dsn, source, client, batch_name, parsed.to_json(), progress, schedule)
+            return load(stream)
+    return load(source)
 
 
-def _import(dsn, stream, client, batch_name, rules_json, progress,
-            schedule=(None, None)) -> ImportResult:
+@dataclass(frozen=True)
+class _Options:
+    """How one import stores its batch, reads its file and reports (see import_codes)."""
+
+    rules_json: object
+    progress: Callable[[int], None] | None
+    header: bool | None
+    on_wait: Callable[[], None] | None
+    schedule: tuple[datetime | None, datetime | None] = (None, None)
+
+
+def _import(dsn, stream, client, batch_name, options: _Options) -> ImportResult:
+    """One import of a new batch."""
     batch_id = uuid.uuid4()
 
     def create(conn: psycopg.Connection) -> tuple[int, int]:
         conn.execute(queries["ensure_client"], (client,))
         (batch_key,) = conn.execute(
             queries["insert_batch"],
-            (batch_id, client, batch_name, psycopg.types.json.Jsonb(rules_json)),
+            (batch_id, client, batch_name, psycopg.types.json.Jsonb(options.rules_json)),
         ).fetchone()
-        if schedule != (None, None):
+        if options.schedule != (None, None):
+            starts_at, expires_at = options.schedule
             conn.execute(queries["set_batch_schedule"],
-                         {"key": batch_key, "starts_at": schedule[0], "expires_at": schedule[1]})
+                         {"key": batch_key, "starts_at": starts_at, "expires_at": expires_at})
         return batch_key, 0
 
     def finish(conn: psycopg.Connection, batch_key: int, added: int) -> None:
         conn.execute(queries["set_batch_total"], (added, batch_key))
         conn.execute(queries["insert_lease_cursor"], (batch_key, added))
 
-    return ImportResult(batch_id, _load(dsn, stream, client, create, finish, progress))
+    lost = (f"batch {batch_id} may or may not have been created (`ango batches` tells); "
+            "retrying is safe, since a retry of a committed import is refused whole as "
+            "already in the database")
+    added = _load(dsn, stream, client, options, create, finish, lost)
+    return ImportResult(batch_id, added)
 
 
-def _load(dsn: str, stream: BinaryIO, client: uuid.UUID,
+def _load(dsn: str, stream: BinaryIO, client: uuid.UUID, options: _Options,
           begin: Callable[[psycopg.Connection], tuple[int, int]],
-          finish: Callable[[psycopg.Connection, int, int], None],
-          progress: Callable[[int], None] | None) -> int:
-    """One transaction: ``begin`` gives the batch key and the last seq, the file's
-    codes are COPYed after it, ``finish`` records the count; return the count."""
+          finish: Callable[[psycopg.Connection, int, int], None], lost: str) -> int:
+    """One import transaction, with any database failure told as an ImportFailed.
+
+    ``begin`` gives the batch key and the last seq, the file's codes are COPYed
+    after it, ``finish`` records how many; returns that. ``lost`` says what may
+    have happened when the connection broke during the COMMIT.
+    """
+    try:
+        with database.connect(dsn) as conn:
+            return _load_on(conn, dsn, stream, client, options, begin, finish, lost)
+    except (DatabaseRefused, DatabaseMissing, DatabaseError) as exc:
+        raise ImportFailed(f"{exc}; nothing was imported") from exc
+    except Unavailable as exc:
+        raise ImportInterrupted(
+            f"{exc}; nothing was imported, and retrying the import is safe") from exc
+
+
+def _load_on(conn, dsn, stream, client, options: _Options, begin, finish, lost: str) -> int:
+    progress = options.progress
     # Where the file starts, to read it again for an error report.
     start = stream.tell() if stream.seekable() else None
-    rows = _Rows(stream, client)
-    with psycopg.connect(dsn) as conn:
-        try:
-            batch_key, first = begin(conn)
-            seq = first
-            with (
-                _Background(_copy_blocks(rows, batch_key, first)) as blocks,
-                conn.cursor().copy(queries["copy_codes"]) as copy,
-            ):
-                for done, text, consumed in blocks:
-                    copy.write(text)
-                    seq = done
-                    if progress is not None:
-                        progress(consumed)
-            if seq == first:
-                raise ImportFailed("the file holds no codes; nothing was imported")
-            finish(conn, batch_key, seq - first)
-        except psycopg.errors.UniqueViolation as exc:
-            conn.rollback()
-            raise _duplicate_error(conn, stream, start, client, exc) from None
-        except Exception:
-            conn.rollback()
-            raise
+    before = _file_state(stream)
+    rows = _Rows(stream, client, options.header)
+    try:
+        if not conn.execute(queries["import_try_lock"], (_IMPORT_LOCK,)).fetchone()[0]:
+            if options.on_wait is not None:
+                options.on_wait()
+            conn.execute(queries["import_lock"], (_IMPORT_LOCK,))
+        batch_key, first = begin(conn)
+        seq = first
+        with (
+            _Background(_copy_blocks(rows, batch_key, first)) as blocks,
+            conn.cursor().copy(queries["copy_codes"]) as copy,
+        ):
+            for done, text, consumed in blocks:
+                copy.write(text)
+                seq = done
+                if progress is not None:
+                    progress(consumed)
+        if seq == first:
+            raise ImportFailed("the file holds no codes; nothing was imported")
+        _refuse_if_changed(stream, before)
+        finish(conn, batch_key, seq - first)
+    except psycopg.errors.UniqueViolation as exc:
+        conn.rollback()
+        raise _duplicate_error(conn, stream, start, rows, exc) from None
+    except Exception:
+        conn.rollback()
+        raise
+    try:
         conn.commit()
+    except psycopg.OperationalError as exc:
+        # The COMMIT may or may not have reached the server before the connection broke.
+        raise ImportInterrupted(
+            f"{database.translate(exc, dsn)} while committing: {lost}") from exc
     return seq - first
 
 
@@ -425,13 +573,16 @@ def top_up(
     client_id: str | uuid.UUID | None = None,
     *,
     progress: Callable[[int], None] | None = None,
+    header: bool | None = None,
+    on_wait: Callable[[], None] | None = None,
 ) -> ImportResult:
     """Add a file's codes to an existing batch; all or nothing, same checks as an import.
 
-    Codes must be new across all batches. The batch row is locked ``FOR NO KEY
-    UPDATE`` (claims, which lock it ``FOR KEY SHARE``, go on; another top-up or
-    an expiry waits), the codes are numbered after the batch's last ``seq``, and
-    the batch's total and lease cursor grow in the same transaction: once it
+    Codes must be new across all batches. Like an import it runs under the
+    import lock; the batch row is locked ``FOR NO KEY UPDATE`` (claims, which
+    lock it ``FOR KEY SHARE``, go on; an expiry or a rule or schedule change
+    waits), the codes are numbered after the batch's last ``seq``, and the
+    batch's total and lease cursor grow in the same transaction: once it
     commits, shards lease the new codes at their next need, without a restart,
     and a batch that was exhausted is claimable again. Raises BatchNotFound,
     BatchExpired, ImportFailed (naming the line) or InvalidInput.
@@ -439,7 +590,7 @@ def top_up(
     bid = parse_uuid(batch_id, "batch id")
     given = None if client_id is None else parse_uuid(client_id, "client id")
     # The batch's client, to check the file's client_id column against.
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with database.connect(dsn, autocommit=True) as conn:
         row = conn.execute(queries["batch_for_top_up"], (bid,)).fetchone()
     if row is None:
         raise BatchNotFound(f"no batch with id {bid}")
@@ -459,14 +610,39 @@ def top_up(
     def finish(conn: psycopg.Connection, batch_key: int, added: int) -> None:
         conn.execute(queries["grow_batch"], {"key": batch_key, "added": added})
 
-    if isinstance(source, (str, Path)):
-        with open(source, "rb") as stream:
-            return ImportResult(bid, _load(dsn, stream, client, begin, finish, progress))
-    return ImportResult(bid, _load(dsn, source, client, begin, finish, progress))
+    options = _Options(None, progress, header, on_wait)
+    lost = (f"the codes may or may not have been added to batch {bid} (`ango batches` "
+            "tells); retrying is safe, since a retry of a committed top-up is refused whole "
+            "as already in the database")
+    return _from_source(source, lambda stream: ImportResult(
+        bid, _load(dsn, stream, client, options, begin, finish, lost)))
+
+
+def _file_state(stream: BinaryIO) -> tuple[int, int] | None:
+    """Size and modification time of the regular file behind ``stream``, if it is one."""
+    try:
+        found = os.fstat(stream.fileno())
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    return (found.st_size, found.st_mtime_ns) if stat.S_ISREG(found.st_mode) else None
+
+
+def _refuse_if_changed(stream: BinaryIO, before: tuple[int, int] | None) -> None:
+    """ImportFailed if the file was written to while it was read: what was read is unsure."""
+    after = _file_state(stream)
+    if before is None or after == before:
+        return
+    if after is None or after[0] != before[0]:
+        now = "gone" if after is None else f"{after[0]:,} bytes"
+        change = f"from {before[0]:,} bytes to {now}"
+    else:
+        change = "in place, same size"
+    raise ImportFailed(f"the file changed while it was read ({change}); nothing was imported: "
+                       "import it again once nothing writes to it")
 
 
 def _duplicate_error(
-    conn, stream: BinaryIO, start: int | None, client: uuid.UUID, exc: psycopg.Error
+    conn, stream: BinaryIO, start: int | None, rows: _Rows, exc: psycopg.Error
 ) -> ImportFailed:
     """Name the line and whether the code repeats in the file or is already stored.
 
@@ -479,11 +655,11 @@ def _duplicate_error(
     if not match or start is None:
         return ImportFailed(f"a code is repeated ({exc.diag.message_detail}); nothing was imported")
     row = int(match.group(1))
-    found = _code_at_row(stream, start, client, row)
+    found = _code_at_row(stream, start, rows, row)
     if found is None:
         return ImportFailed(f"a code is repeated ({exc.diag.message_detail}); nothing was imported")
     code, line = found
-    earlier = _first_line_of(stream, start, client, code)
+    earlier = _first_line_of(stream, start, rows, code)
     if earlier is not None and earlier < line:
         return ImportFailed(
             f"line {line}: code {code!r} is repeated in the file (first on line "
@@ -496,12 +672,15 @@ def _duplicate_error(
     )
 
 
-def _code_at_row(
-    stream: BinaryIO, start: int, client: uuid.UUID, row: int
-) -> tuple[str, int] | None:
-    """The code sent as COPY row ``row`` (from 1), and its line in the file."""
+def _again(stream: BinaryIO, start: int, read: _Rows) -> _Rows:
+    """The file read again from ``start`` as ``read`` read it."""
     stream.seek(start)
-    rows = _Rows(stream, client)
+    return _Rows(stream, read.client_id, read.header)
+
+
+def _code_at_row(stream: BinaryIO, start: int, read: _Rows, row: int) -> tuple[str, int] | None:
+    """The code sent as COPY row ``row`` (from 1), and its line in the file."""
+    rows = _again(stream, start, read)
     done = 0
     for codes in rows:
         if done + len(codes) >= row:
@@ -511,10 +690,9 @@ def _code_at_row(
     return None
 
 
-def _first_line_of(stream: BinaryIO, start: int, client: uuid.UUID, code: str) -> int | None:
+def _first_line_of(stream: BinaryIO, start: int, read: _Rows, code: str) -> int | None:
     """The first line of the file holding ``code``."""
-    stream.seek(start)
-    rows = _Rows(stream, client)
+    rows = _again(stream, start, read)
     done = 0
     for codes in rows:
         if code in codes:

@@ -2,9 +2,10 @@
 
 A rule is one class in ``REGISTRY``: it names the JSON keys it owns and parses
 them. Today there is one, ``maxpercustomer`` with an optional ``timelimit`` in
-days (a rolling window). Enforcement lives with the claim path: the shard's
-in-memory counter answers quickly, and the group commit's slot upsert makes
-PostgreSQL the arbiter (invariant I4).
+days (a rolling window of days of 24 hours, never calendar days: the claim
+statements, the shards' counters and the audit all count it so). Enforcement
+lives with the claim path: the shard's in-memory counter answers quickly, and
+the group commit's slot upsert makes PostgreSQL the arbiter (invariant I4).
 """
 
 from __future__ import annotations

@@ -11,9 +11,11 @@ expired mid-run), each request with an explicit request id that is re-sent
 after any ``Unavailable`` or timeout until it gets an answer.
 
 Meanwhile faults are injected in rotation: ``kill -9`` of a shard process,
-``kill -9`` of the whole server followed by a restart on the same port, a
-PostgreSQL restart (fast) and crash (immediate), a raw client that sends
-hello and a claim and disconnects before reading, and one ``expire``; and
+a shard frozen with SIGSTOP for a few seconds (longer than the supervisor's
+ping deadline, so it is replaced) then sent SIGCONT, ``kill -9`` of the whole
+server followed by a restart on the same port, a PostgreSQL restart (fast)
+and crash (immediate), a raw client that sends hello and a claim and
+disconnects before reading, and one ``expire``; and
 (issue 14) a top-up of a small batch that runs out within seconds (a claim
 right after it must get a code) and a schedule edge: a batch's ``expires_at``
 set a second ahead over the protocol (once passed, no claim of it may
@@ -27,7 +29,9 @@ checked against what the clients were told:
 - I3: every code not issued is available or held by a live owner
   (``ango.audit``, ``stale_seconds=5``, given at most 5 s to recover);
 - I4: no customer over its rule; I5: nothing issued from the expired batch
-  after expiry, and no claim sent after ``expire`` returned got a code.
+  after expiry, and no claim sent after ``expire`` returned got a code;
+- I6, at the end: answered requests sent again get the same code, those of
+  the expired batch included.
 
 It prints a table of faults, claims acknowledged, checks passed/failed and
 recovery times, and exits 1 if any check failed. PostgreSQL is restarted only
@@ -81,9 +85,11 @@ STALE_S = 5.0
 RECOVERY_BUDGET_S = 5.0
 #: How long the system may take to answer a claim again after a fault.
 ANSWER_AGAIN_S = 90.0
-ROTATION = ["shard_kill", "server_kill", "pg_restart", "client_disconnect", "expire",
-            "top_up", "shard_kill", "pg_crash", "schedule_end", "server_kill",
-            "client_disconnect", "top_up"]
+#: How long a frozen shard stays stopped: past the default ping deadline (3 s).
+FREEZE_S = 4.0
+ROTATION = ["shard_kill", "shard_freeze", "server_kill", "pg_restart", "client_disconnect",
+            "expire", "top_up", "shard_kill", "pg_crash", "schedule_end", "server_kill",
+            "shard_freeze", "client_disconnect", "top_up"]
 #: Faults that happen once per run (the batch they end stays ended).
 ONCE = ("expire", "schedule_end")
 
@@ -115,8 +121,16 @@ class EmbeddedPostgres:
 
     def restart(self, mode: str) -> None:
         """Stop with ``mode`` (fast or immediate), wait a moment, start again."""
-        self._pg_ctl("-m", mode, "-w", "stop")
+        self.stop(mode)
         time.sleep(0.5)
+        self.start()
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``fast`` or ``immediate``) and wait until it is down."""
+        self._pg_ctl("-m", mode, "-w", "stop")
+
+    def start(self) -> None:
+        """Start it again where it was."""
         # A fresh process starts it exactly as the embedded package does (same socket).
         code = ("import sys, warnings; warnings.simplefilter('ignore'); from pathlib import Path;"
                 " from ango.config import embedded_dsn; print(embedded_dsn(Path(sys.argv[1])))")
@@ -218,6 +232,13 @@ class Server:
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _wake(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass  # replaced (killed) by the supervisor, as it should be
 
 
 def free_port() -> int:
@@ -513,13 +534,20 @@ class Chaos:
         note = ""
         at = time.monotonic()
         shard = None
-        if kind == "shard_kill":
+        if kind in ("shard_kill", "shard_freeze"):
             with self.client(10) as c:
                 pids = [s.get("pid") for s in c.stats()["per_shard"]]
             shard = random.randrange(len(pids))
             at = time.monotonic()
-            os.kill(pids[shard], signal.SIGKILL)
             note = f"shard {shard} pid {pids[shard]}"
+            if kind == "shard_kill":
+                os.kill(pids[shard], signal.SIGKILL)
+            else:
+                os.kill(pids[shard], signal.SIGSTOP)
+                # Woken later whatever happens meanwhile (it may have been replaced
+                # and killed by then): a woken stale shard must not break anything.
+                threading.Timer(FREEZE_S, _wake, (pids[shard],)).start()
+                note += f" stopped for {FREEZE_S:g} s"
         elif kind == "server_kill":
             shards_before = self.server.children()
             at = time.monotonic()
@@ -578,6 +606,20 @@ class Chaos:
         fault.audit_clean_s = None if clean is None else clean - at
         self.faults.append(fault)
         return fault
+
+    def retried_differently(self, records: list[Record]) -> list[tuple]:
+        """Answered requests sent again: those answered otherwise than the first time."""
+        mismatched = []
+        with self.client(30) as c:
+            for r in records:
+                try:
+                    again = c.claim(r.batch, r.customer, client_id=CLIENT_ID,
+                                    request_id=r.request_id)
+                except AngoError as exc:
+                    again = exc.code
+                if again != r.code:
+                    mismatched.append((r.request_id, r.code, again))
+        return mismatched
 
     def _late_claim(self, name: str, when: str, check: str, wanted: str) -> None:
         """One claim of batch ``name`` now; its outcome must be ``wanted``."""
@@ -677,19 +719,16 @@ def run(seconds: float, dsn: str | None, seed: int) -> dict[str, Any]:
         workload.stop()
         elapsed = time.monotonic() - started
         clean = checker.run(chaos.checks, "final", time.monotonic() + STALE_S + RECOVERY_BUDGET_S)
-        # Idempotency at the end: a sample of answered requests, retried, get the same code.
+        # Idempotency at the end: a sample of answered requests, retried, get the same code,
+        # those of the expired batch included (docs/PROTOCOL.md tells clients to retry).
         answered = [r for r in workload.records if r.outcome == "code"]
-        sample = random.sample(answered, min(300, len(answered)))
-        mismatched = []
-        with chaos.client(30) as c:
-            for r in sample:
-                # (a batch that ended answers expired, even to a retry)
-                ended = (batches.ids["doomed"], batches.ids["scheduled"])
-                again = c.claim(r.batch, r.customer, client_id=CLIENT_ID, request_id=r.request_id) \
-                    if r.batch not in ended else r.code
-                if again != r.code:
-                    mismatched.append((r.request_id, r.code, again))
-        chaos.checks.record("final", "I6 retried request gets the same code", mismatched)
+        doomed = [r for r in answered
+                  if r.batch in (batches.ids["doomed"], batches.ids["scheduled"])]
+        chaos.checks.record("final", "I6 retried request gets the same code",
+                            chaos.retried_differently(random.sample(answered,
+                                                                    min(300, len(answered)))))
+        chaos.checks.record("final", "I6 retry after expire gets the same code",
+                            chaos.retried_differently(random.sample(doomed, min(100, len(doomed)))))
         outcomes = collections.Counter(r.outcome for r in workload.records)
         return report(chaos, workload, outcomes, elapsed, clean is not None, pg.restart_note)
     finally:

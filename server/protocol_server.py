@@ -58,9 +58,12 @@ from ango.protocol import (
 )
 
 from .limits import Limits
+from .metrics import Metrics
 
 log = logging.getLogger("ango.server")
 _iscoroutine = asyncio.iscoroutine
+_clock = time.perf_counter  # uvloop's loop.time() has millisecond steps: too coarse for latency
+PROTOCOL = "binary"  # the label of this protocol in the metrics
 
 #: What a claim answers in ``noop`` mode.
 NOOP_CODE = "NOOP"
@@ -144,6 +147,7 @@ class Connection(asyncio.Protocol):
         self.peer = peer[0] if isinstance(peer, tuple) else str(peer)
         server.connections.add(self)
         server.connections_accepted += 1
+        server.metrics.connection_opened(PROTOCOL)
         transport.set_write_buffer_limits(high=limits.write_high_water, low=limits.write_low_water)
         if server.draining:
             self.abort(Unavailable.code, "the server is shutting down", retryable=True)
@@ -155,6 +159,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
         self.closing = True
         self.server.connections.discard(self)
+        self.server.metrics.connection_closed(PROTOCOL)
         self._out = bytearray()
         self._buf = bytearray()
 
@@ -242,9 +247,9 @@ class Connection(asyncio.Protocol):
             self.send(Pong(msg.id))
         elif kind is GetStats:
             if alloc is None:
-                self.send(Stats(msg.id, server.stats()))
+                self.send(Stats(msg.id, dict(server.stats(), metrics=server.metrics.summary())))
             else:
-                self._call(msg.id, alloc.stats(), self._stats_reply)
+                self._call(msg.id, server.metrics.stats(), self._stats_reply)
         elif kind is ListBatches:
             if alloc is None:
                 self.send(BatchList(msg.id, []))
@@ -292,9 +297,11 @@ class Connection(asyncio.Protocol):
         alloc = server.allocator
         if alloc is None:
             server.claims_served += 1
+            server.metrics.observe_claim("ok", 0.0)
             self.send(Code(msg.id, NOOP_CODE))
             return
         if server.draining:
+            server.metrics.observe_claim(Unavailable.code, 0.0)
             self.send(Error(msg.id, Unavailable.code, "the server is shutting down", True))
             return
         # The allocator answers with a future (batched to its shards per loop
@@ -304,18 +311,23 @@ class Connection(asyncio.Protocol):
         if _iscoroutine(waiter):
             waiter = server.loop.create_task(waiter)
         self._started()
-        waiter.add_done_callback(partial(self._claim_done, msg.id))
+        waiter.add_done_callback(partial(self._claim_done, msg.id, _clock()))
 
-    def _claim_done(self, request_id: int, task: asyncio.Task) -> None:
+    def _claim_done(self, request_id: int, started: float, task: asyncio.Task) -> None:
         self._finished()
+        metrics = self.server.metrics
         if task.cancelled():
+            metrics.observe_claim(Unavailable.code, _clock() - started)
             self.send(_cancelled(request_id))
             return
         exc = task.exception()
         if exc is None:
             self.server.claims_served += 1
+            metrics.observe_claim("ok", _clock() - started)
             self.send(Code(request_id, task.result()))
         else:
+            metrics.observe_claim(exc.code if isinstance(exc, AngoError) else AngoError.code,
+                                  _clock() - started)
             self._failed(request_id, exc)
 
     def _call(self, request_id: int, awaitable: Any, reply: Any) -> None:
@@ -491,10 +503,11 @@ class ProtocolServer:
     """
 
     def __init__(self, allocator: AllocatorLike | None, *, token: str,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, metrics: Metrics | None = None) -> None:
         if not token:
             raise ValueError("a token is required")
         self.allocator = allocator
+        self.metrics = metrics or Metrics(allocator)
         self.token = token.encode()
         self.limits = limits or Limits()
         self.loop = asyncio.get_running_loop()
@@ -557,8 +570,9 @@ class ProtocolServer:
     # --- failed tokens -------------------------------------------------------------
 
     def auth_failed(self, address: str) -> None:
-        """Count a wrong token from ``address``."""
+        """Count a wrong token from ``address`` (and log it, rate-limited)."""
         self._auth_failures.setdefault(address, []).append(self.loop.time())
+        self.metrics.auth_failed(PROTOCOL, address)
 
     def auth_blocked(self, address: str) -> bool:
         """True when ``address`` sent too many wrong tokens lately."""

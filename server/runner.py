@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import platform
 import signal
 from collections.abc import Callable
 from typing import Any
 
+from ango import __version__
+from ango.health import describe_dsn
+
 from .limits import Limits
+from .metrics import Metrics
 from .protocol_server import ProtocolServer
 
 log = logging.getLogger("ango.server")
@@ -44,7 +49,9 @@ async def serve_async(
 
         allocator_cm = Allocator(dsn, shards=shards, data_dir=data_dir)
     async with allocator_cm as alloc:
-        server = ProtocolServer(alloc, token=token, limits=limits)
+        # One Metrics per server, shared by every front end (binary protocol, HTTP).
+        metrics = Metrics(alloc)
+        server = ProtocolServer(alloc, token=token, limits=limits, metrics=metrics)
         bound_host, bound_port = await server.start(host, port)
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -63,7 +70,33 @@ async def serve_async(
 
 
 def serve(**kwargs: Any) -> None:
-    """Run :func:`serve_async` on uvloop until it returns (blocking)."""
-    import uvloop
-
+    """Run :func:`serve_async` until it returns (blocking), on uvloop where it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # not on Windows (setup.cfg), nor required: asyncio's own loop serves
+        asyncio.run(serve_async(**kwargs))
+        return
     uvloop.run(serve_async(**kwargs))
+
+
+def log_startup(server: ProtocolServer, host: str, port: int, note: str = "") -> None:
+    """The start-up line: versions, database (never its password), address, shards.
+
+    Its text contains ``serving on HOST:PORT``, which scripts and tests wait for.
+    """
+    alloc = server.allocator
+    fields: dict[str, Any] = {
+        "event": "started", "ango_version": __version__,
+        "python_version": platform.python_version(), "host": host, "port": port,
+        "protocol_version": server.stats()["protocol_version"], "noop": server.noop,
+    }
+    if alloc is not None:
+        fields.update(postgres_version=alloc.postgres_version, database=describe_dsn(alloc.dsn),
+                      shards=alloc.shard_count, partitions=alloc.partitions)
+        mode = (f"{alloc.shard_count} shards, PostgreSQL {alloc.postgres_version} at "
+                f"{fields['database']}")
+    else:
+        mode = "noop"
+    log.info("ango %s (Python %s) serving on %s:%d (protocol %d, %s%s)", __version__,
+             fields["python_version"], host, port, fields["protocol_version"], mode,
+             f", {note}" if note else "", extra=fields)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import ango
 from ango.audit import violations
 from ango.batches import delete_batch
-from ango.cli import main
+from ango.cli import EXIT_NOT_FOUND, main
 from tests.helpers import make_batch
 
 
@@ -100,6 +100,6 @@ def test_purge_asks_for_confirmation_and_removes_every_trace(dsn, db):
     assert counts(db)[:3] == (1, 4, 1)
     assert json.loads(cli(dsn, "lookup", code, "--json").stdout)["status"] == "never_imported"
     again = cli(dsn, "delete", batch, "--purge", "--yes", "--json")
-    assert again.exit_code == 1 and "no batch" in again.output
+    assert again.exit_code == EXIT_NOT_FOUND and "no batch" in again.output
     with psycopg.connect(dsn) as conn:
         assert violations(conn) == []

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 import ango
 from ango.audit import violations
-from ango.cli import main
+from ango.cli import EXIT_NOT_FOUND, main
 from ango.export import export_codes
 from tests.helpers import CLIENT, make_batch
 
@@ -74,7 +74,7 @@ def test_export_bad_input_is_a_typed_error_and_writes_no_file(dsn, db, tmp_path)
         export_codes(db, "nope", "issued", target)
     assert not target.exists()
     result = cli(dsn, "export", unknown, "--issued", "-o", str(target))
-    assert result.exit_code == 1 and f"no batch with id {unknown}" in result.output
+    assert result.exit_code == EXIT_NOT_FOUND and f"no batch with id {unknown}" in result.output
     assert not target.exists()
     result = cli(dsn, "export", batch)
     assert result.exit_code == 2 and "--issued or --available" in result.output

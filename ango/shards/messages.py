@@ -42,6 +42,12 @@ class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     """Finish the claims in hand, release leases and exit."""
 
 
+class Ping(msgspec.Struct, tag="ping", array_like=True):
+    """Are you there? Answered with a Pong by the shard's event loop."""
+
+    seq: int
+
+
 class Result(msgspec.Struct, array_like=True):
     """The outcome of one claim: a code, or an error code and message."""
 
@@ -52,9 +58,15 @@ class Result(msgspec.Struct, array_like=True):
 
 
 class Results(msgspec.Struct, tag="results", array_like=True):
-    """Outcomes, sent as soon as a group commit has committed."""
+    """Outcomes, sent as soon as a group commit has committed.
+
+    ``groups`` carries ``(claims, seconds)`` of each group commit finished
+    since the last frame: the parent tallies them, so the counts outlive the
+    shard process (a kill -9 loses none that were reported with their answers).
+    """
 
     results: list[Result]
+    groups: list[tuple[int, float]] = []
 
 
 class Ready(msgspec.Struct, tag="ready", array_like=True):
@@ -71,8 +83,20 @@ class StatsReply(msgspec.Struct, tag="stats_reply", array_like=True):
     stats: dict[str, Any]
 
 
-ToShard = Claims | StatsRequest | Shutdown
-FromShard = Results | Ready | StatsReply
+class Pong(msgspec.Struct, tag="pong", array_like=True):
+    """The answer to a Ping: the shard's loop is turning."""
+
+    seq: int
+
+
+class StartFailed(msgspec.Struct, tag="start_failed", array_like=True):
+    """The shard could not start (PostgreSQL's error, as text); it exits."""
+
+    reason: str
+
+
+ToShard = Claims | StatsRequest | Shutdown | Ping
+FromShard = Results | Ready | StatsReply | Pong | StartFailed
 
 
 def frame(body: bytes) -> bytes:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
 import socket
-import sys
 import time
 import uuid
 from collections import Counter, deque
@@ -34,6 +34,7 @@ from ango.errors import (
     RuleViolation,
     Unavailable,
 )
+from ango.logs import configure_from_env
 from ango.rules import parse_rules
 from ango.shards import messages as m
 from ango.shards.counters import FULL, WAIT, CustomerCounters
@@ -51,6 +52,9 @@ HEARTBEAT_S = 1.0
 STALE_S = 3.0             # an owner silent this long is dead; its leases are adopted
 DB_RETRY_S = 15.0         # how long claims wait for the database to come back
 META_REFRESH_S = 1.0      # batch rules and expiry are re-read this often (issue 14)
+#: PostgreSQL connections a shard holds for its life (see start): the control
+#: connection, the heartbeat's, and one per group commit in flight.
+CONNECTIONS = 2 + GROUPS_IN_FLIGHT
 
 
 @dataclass
@@ -68,7 +72,7 @@ class Pending:
     """A claim in the shard's hands (a plain slotted class: one is made per claim)."""
 
     __slots__ = ("tag", "batch_id", "customer_id", "client_id", "request_id", "received",
-                 "attempts", "meta", "slot", "code", "lease", "followers")
+                 "attempts", "meta", "slot", "code", "lease", "followers", "rivals")
 
     def __init__(self, tag: int, batch_id: str, customer_id: str, client_id: str | None,
                  request_id: str, received: float) -> None:
@@ -83,7 +87,8 @@ class Pending:
         self.slot: int | None = None
         self.code: str | None = None
         self.lease = 0
-        self.followers: list[Pending] = []
+        self.followers: list[Pending] = []  # same batch, request id and customer
+        self.rivals: list[Pending] = []  # same batch and request id, another customer
 
 
 class Shard:
@@ -109,6 +114,7 @@ class Shard:
         self.spent_leases: list[int] = []  # used up; deleted with the next group
         self.served = 0
         self.groups = 0
+        self.group_reports: list[tuple[int, float]] = []  # (claims, seconds), sent with results
         self.parked: list[Pending] = []  # waiting for a group in flight to finish
         self.codes_in_flight: Counter[int] = Counter()  # per batch, in group commits
         self.conn: psycopg.AsyncConnection | None = None  # checks, leases, loads
@@ -167,6 +173,8 @@ class Shard:
                 self.pending.append(
                     Pending(c.tag, c.batch_id, c.customer_id, c.client_id, c.request_id, now))
             self.wake.set()
+        elif isinstance(message, m.Ping):
+            self.send(m.Pong(message.seq))
         elif isinstance(message, m.StatsRequest):
             self.send(m.StatsReply(message.tag_id, self.stats()))
         elif isinstance(message, m.Shutdown):
@@ -185,11 +193,17 @@ class Shard:
             self.results.append(m.Result(p.tag, None, error.code, str(error)))
         for follower in p.followers:
             self.answer(follower, code, error)
+        if p.rivals:
+            # Decided only now: PostgreSQL tells them whose request id it is.
+            self.pending.extendleft(reversed(p.rivals))
+            p.rivals = []
+            self.wake.set()
 
     def flush(self) -> None:
-        if self.results:
-            self.send(m.Results(self.results))
+        if self.results or self.group_reports:
+            self.send(m.Results(self.results, self.group_reports))
             self.results = []
+            self.group_reports = []
 
     def stats(self) -> dict:
         return {
@@ -226,7 +240,7 @@ class Shard:
             try:
                 issuing, verify = await self.prepare(group)
             except psycopg.OperationalError as exc:
-                log.warning("shard %s: database error, retrying: %s", self.index, exc)
+                log.info("shard %s: database error, retrying: %s", self.index, exc)
                 self.requeue(group)
                 self.conn = await self.reconnect(self.conn)
                 continue
@@ -254,10 +268,13 @@ class Shard:
                      verify: list[tuple[Pending, AngoError]],
                      conn: psycopg.AsyncConnection) -> None:
         """Commit a prepared group on its own connection, answer, and wake the loop."""
+        started = time.monotonic()
         try:
             await self.commit(issuing, verify, conn)
+            if issuing:
+                self.group_reports.append((len(issuing), time.monotonic() - started))
         except psycopg.OperationalError as exc:
-            log.warning("shard %s: database error, retrying: %s", self.index, exc)
+            log.info("shard %s: database error, retrying: %s", self.index, exc)
             for p in issuing:
                 self.codes_in_flight[p.meta.key] -= 1
             self.requeue(group)
@@ -305,6 +322,8 @@ class Shard:
                 self.pending.appendleft(p)
         self.flush()
 
+    # Database errors are info here: the server's DatabaseWatch (ango/health.py)
+    # writes the one warning an outage deserves, not one per shard and group.
     async def reconnect(self, conn: psycopg.AsyncConnection | None) -> psycopg.AsyncConnection:
         """A fresh connection, retried until the database answers."""
         if conn is not None and not conn.closed:
@@ -385,15 +404,18 @@ class Shard:
             if meta is None or (p.client_id is not None and p.client_id != meta.client_id):
                 self.answer(p, None, BatchNotFound(f"no batch {p.batch_id} for this client"))
                 continue
-            if meta.expired:
-                self.answer(p, None, BatchExpired(f"batch {p.batch_id} has expired"))
-                continue
             p.meta = meta
             first = by_request.get((meta.key, p.request_id))
             if first is not None:
-                first.followers.append(p)
+                # A request id is one customer's: another customer's claim waits
+                # until the first is decided, then learns whose it is.
+                (first.followers if first.customer_id == p.customer_id
+                 else first.rivals).append(p)
                 continue
             by_request[(meta.key, p.request_id)] = p
+            if meta.expired:  # a retry still gets its recorded code (I6)
+                verify.append((p, BatchExpired(f"batch {p.batch_id} has expired")))
+                continue
             if meta.limit is not None:
                 slot = self.counters.reserve(
                     (meta.key, p.customer_id), meta.limit, meta.window, now)
@@ -537,19 +559,19 @@ class Shard:
             await conn.execute(queries["release_phantom_slots"], (
                 [p.meta.key for p in phantom], [p.customer_id for p in phantom],
                 [p.slot for p in phantom], [p.code for p in phantom]))
-        expired: set[int] = set()
-        not_started: set[int] = set()
         mine: set[int] = set()
         gone: set[str] = set()
+        # A claim refused as over the rule or exhausted by a shard that has not
+        # yet heard of an expiry is told the batch expired, as any later one is.
+        rows = await (await conn.execute(queries["expired_batches"], (list(
+            {p.meta.key for p in missed} | {p.meta.key for p, _ in verify}),))).fetchall()
+        expired = {key for key, state, _ in rows if state == "expired"}
+        not_started = {key for key, state, _ in rows if state == "not_started"}
+        current = {key: rule for key, _, rule in rows}
+        # A claim refused for a stale rule is retried under the current one.
+        for meta in {id(p.meta): p.meta for p in missed}.values():
+            self.apply_rules(meta, current.get(meta.key))
         if missed:
-            rows = await (await conn.execute(
-                queries["expired_batches"], (list({p.meta.key for p in missed}),))).fetchall()
-            expired = {key for key, state, _ in rows if state == "expired"}
-            not_started = {key for key, state, _ in rows if state == "not_started"}
-            rules = {key: rule for key, _, rule in rows}
-            # A claim refused for a stale rule is retried under the current one.
-            for meta in {id(p.meta): p.meta for p in missed}.values():
-                self.apply_rules(meta, rules.get(meta.key))
             rows = await (await conn.execute(
                 queries["leases_still_mine"],
                 (list({p.lease for p in missed}), self.owner))).fetchall()
@@ -567,14 +589,16 @@ class Shard:
             if p.meta.key in expired:
                 p.meta.expired = True
                 self.pool.drop_batch(p.meta.key)
+            if (p.meta.key, p.request_id) in earlier:  # a retry: whatever the batch's state
+                if not p.meta.expired:
+                    self.pool.put_back(p.meta.key, p.code, p.lease)
+                outcome[p.tag] = self.replay(p, earlier[(p.meta.key, p.request_id)])
+                self.needs_load.add(key)
+            elif p.meta.expired:
                 outcome[p.tag] = (None, BatchExpired(f"batch {p.batch_id} has expired"))
             elif p.meta.key in not_started:
                 self.pool.put_back(p.meta.key, p.code, p.lease)
                 outcome[p.tag] = (None, BatchNotStarted(f"batch {p.batch_id} has not started"))
-            elif (p.meta.key, p.request_id) in earlier:
-                self.pool.put_back(p.meta.key, p.code, p.lease)
-                outcome[p.tag] = self.replay(p, earlier[(p.meta.key, p.request_id)])
-                self.needs_load.add(key)
             elif p.lease not in mine:
                 self.pool.drop_lease(p.lease)
                 retry.append(p)
@@ -588,13 +612,21 @@ class Shard:
                 retry.append(p)
         for p, error in verify:
             found = earlier.get((p.meta.key, p.request_id))
-            outcome[p.tag] = self.replay(p, found) if found else (None, error)
+            if found:
+                outcome[p.tag] = self.replay(p, found)
+            elif p.meta.key in expired:
+                if not p.meta.expired:
+                    p.meta.expired = True
+                    self.pool.drop_batch(p.meta.key)
+                outcome[p.tag] = (None, BatchExpired(f"batch {p.batch_id} has expired"))
+            else:
+                outcome[p.tag] = (None, error)
 
     def replay(self, p: Pending, found: tuple[str, str]) -> tuple[str | None, AngoError | None]:
         code, customer = found
         if customer != p.customer_id:
-            return None, InvalidInput(
-                f"request id {p.request_id!r} was already used for another customer")
+            return None, InvalidInput(f"request id {p.request_id!r} was already used by "
+                                      "another customer of this batch")
         return code, None
 
     # -- liveness -----------------------------------------------------------------
@@ -651,9 +683,19 @@ async def main_async(args: argparse.Namespace) -> None:
     _, link = await loop.create_unix_connection(
         lambda: m.FramedProtocol(decoder, shard.receive, on_lost), sock=sock)
     shard.link = link
-    recovered = await shard.start()
+    try:
+        recovered = await shard.start()
+    except psycopg.Error as exc:
+        # Tell the Allocator why (too many clients, a wrong password...), so its
+        # error names PostgreSQL's reason, not only "did not start".
+        log.error("shard %s could not start: %s", args.index, exc)
+        shard.send(m.StartFailed(str(exc).strip() or type(exc).__name__))
+        link.transport.close()  # flushes the message first
+        await asyncio.wait([lost], timeout=2.0)
+        os._exit(78)
     shard.send(m.Ready(shard.owner, recovered))
     beat = asyncio.create_task(shard.heartbeat())
+    beat.add_done_callback(functools.partial(_heartbeat_ended, shard))
     try:
         await shard.run()
     finally:
@@ -661,6 +703,22 @@ async def main_async(args: argparse.Namespace) -> None:
         await asyncio.gather(beat, return_exceptions=True)
         shard.flush()
         await shard.close()
+
+
+def _heartbeat_ended(shard: Shard, beat: asyncio.Task[None]) -> None:
+    """A shard without its heartbeat must not run on: exit, and be restarted.
+
+    Its leases would go stale and be adopted by others while it kept serving
+    (PostgreSQL would refuse its commits, but its claims would fail). Exiting
+    at once lets the supervisor start a successor that adopts them and gets
+    the unanswered claims again, with their request ids.
+    """
+    if beat.cancelled():
+        return  # a clean shutdown
+    log.critical("shard %s: heartbeat stopped (%r); exiting to be replaced",
+                 shard.index, beat.exception())
+    shard.flush()
+    os._exit(70)
 
 
 def main() -> None:
@@ -671,8 +729,7 @@ def main() -> None:
     parser.add_argument("--instance", required=True)
     parser.add_argument("--parts", default="")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_from_env()  # as `ango serve --log-level/--log-format` set it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the Allocator decides when we stop
     try:
         import uvloop

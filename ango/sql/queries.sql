@@ -20,6 +20,26 @@ INSERT INTO ango.meta (key, value) VALUES ('partitions', %s) ON CONFLICT (key) D
 -- The partition count fixed at creation.
 SELECT value FROM ango.meta WHERE key = 'partitions';
 
+-- name: connection_budget
+-- What bounds the connections we may open: the server's max_connections less
+-- its reserved slots, the login role's and the database's CONNECTION LIMIT
+-- (-1: none), and the client connections already open against each (this
+-- one not counted). Superusers may use the reserved slots and ignore the
+-- role and database limits.
+SELECT current_setting('max_connections')::integer,
+       current_setting('superuser_reserved_connections')::integer
+           + coalesce(current_setting('reserved_connections', true)::integer, 0),
+       r.rolsuper, r.rolconnlimit, d.datconnlimit,
+       count(a.pid),
+       count(a.pid) FILTER (WHERE a.usename = session_user),
+       count(a.pid) FILTER (WHERE a.datname = current_database())
+FROM pg_roles r
+JOIN pg_database d ON d.datname = current_database()
+LEFT JOIN pg_stat_activity a
+       ON a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()
+WHERE r.rolname = session_user
+GROUP BY r.rolsuper, r.rolconnlimit, d.datconnlimit;
+
 -- name: applied_migrations
 -- Versions already applied.
 SELECT version FROM ango.schema_migrations;
@@ -31,6 +51,14 @@ INSERT INTO ango.schema_migrations (version, name) VALUES (%s, %s);
 -- name: ensure_client
 -- Register a client on its first batch.
 INSERT INTO ango.clients (id) VALUES (%s) ON CONFLICT (id) DO NOTHING;
+
+-- name: import_try_lock
+-- Take the import lock if no other import holds it (true), without waiting.
+SELECT pg_try_advisory_xact_lock(%s);
+
+-- name: import_lock
+-- Imports run one at a time: two that share codes would otherwise each wait on a code the other inserted.
+SELECT pg_advisory_xact_lock(%s);
 
 -- name: insert_batch
 -- Create a batch; its codes follow by COPY in the same transaction.
@@ -171,7 +199,8 @@ WITH spent AS (
     -- The rule and schedule come from the row as locked: a rule change or an
     -- expiry that committed while we waited for the lock is what holds.
     SELECT key, (rules ->> 'maxpercustomer')::integer AS lim,
-           make_interval(days => (rules ->> 'timelimit')::integer) AS win
+           -- timelimit days of 24 hours (see the slot upsert below)
+           (rules ->> 'timelimit')::integer * interval '24 hours' AS win
     FROM ango.batches
     WHERE key = ANY(%(batch_keys)s) AND NOT expired
       AND (starts_at IS NULL OR starts_at <= now())
@@ -202,6 +231,8 @@ WITH spent AS (
     WHERE window_slot IS NOT NULL
     ON CONFLICT (batch_key, customer_id, slot) DO UPDATE
         SET code = EXCLUDED.code, issued_at = EXCLUDED.issued_at
+        -- timelimit days of 24 hours: calendar days would follow the session's
+        -- TimeZone through daylight-saving changes (counters and audit agree).
         WHERE s.issued_at < EXCLUDED.issued_at - (
             SELECT win FROM ok WHERE ok.key = EXCLUDED.batch_key)
     RETURNING code
@@ -231,7 +262,8 @@ WITH spent AS (
     -- The rule and schedule come from the row as locked: a rule change or an
     -- expiry that committed while we waited for the lock is what holds.
     SELECT key, (rules ->> 'maxpercustomer')::integer AS lim,
-           make_interval(days => (rules ->> 'timelimit')::integer) AS win
+           -- timelimit days of 24 hours (see the slot upsert below)
+           (rules ->> 'timelimit')::integer * interval '24 hours' AS win
     FROM ango.batches
     WHERE key = ANY(%(batch_keys)s) AND NOT expired
       AND (starts_at IS NULL OR starts_at <= now())
@@ -268,6 +300,8 @@ WITH spent AS (
     WHERE window_slot IS NOT NULL
     ON CONFLICT (batch_key, customer_id, slot) DO UPDATE
         SET code = EXCLUDED.code, issued_at = EXCLUDED.issued_at
+        -- timelimit days of 24 hours: calendar days would follow the session's
+        -- TimeZone through daylight-saving changes (counters and audit agree).
         WHERE s.issued_at < EXCLUDED.issued_at - (
             SELECT win FROM ok WHERE ok.key = EXCLUDED.batch_key)
     RETURNING code
@@ -359,7 +393,8 @@ SELECT id, customer_id, issued_at FROM (
     SELECT b.id, i.customer_id, i.issued_at,
            lead(i.issued_at, (b.rules ->> 'maxpercustomer')::integer)
                OVER (PARTITION BY i.batch_key, i.customer_id ORDER BY i.issued_at) AS nth,
-           make_interval(days => (b.rules ->> 'timelimit')::integer) AS win,
+           -- 24-hour days, as the claim statements count them.
+           (b.rules ->> 'timelimit')::integer * interval '24 hours' AS win,
            b.rules_changed_at
     FROM ango.issues i
     JOIN ango.batches b ON b.key = i.batch_key AND b.rules ? 'maxpercustomer'
@@ -439,7 +474,8 @@ SELECT key, client_id FROM ango.batches WHERE id = %s;
 -- FOR NO KEY UPDATE: group commits (FOR KEY SHARE) go on meanwhile; another
 -- top-up, an expiry, a rule or schedule change (FOR UPDATE) waits. New codes
 -- are numbered after `total`.
-SELECT key, client_id, total, expired FROM ango.batches WHERE id = %s FOR NO KEY UPDATE;
+SELECT key, client_id, total, expired OR coalesce(expires_at <= clock_timestamp(), false)
+FROM ango.batches WHERE id = %s FOR NO KEY UPDATE;
 
 -- name: grow_batch
 -- A top-up's codes join the batch and its lease cursor: leasing resumes.
@@ -536,3 +572,18 @@ WITH gone_leases AS (
 )
 DELETE FROM ango.batches WHERE key = %(key)s
 RETURNING (SELECT count(*) FROM gone_codes), (SELECT count(*) FROM gone_issues);
+
+-- name: ping
+-- Readiness and outage detection: does the database answer at all.
+SELECT 1;
+
+-- name: server_version
+-- PostgreSQL's version, for the start-up log line.
+SELECT current_setting('server_version');
+
+-- name: available_per_batch
+-- Codes left in each unexpired batch (the ango_codes_available gauge).
+SELECT b.id, b.name, b.total - (SELECT count(*) FROM ango.issues i WHERE i.batch_key = b.key)
+FROM ango.batches b
+WHERE NOT b.expired
+ORDER BY b.key;
