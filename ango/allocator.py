@@ -29,6 +29,7 @@ from ango import batches as batches_lib
 from ango import database
 from ango.errors import ConfigurationError, InvalidInput, Unavailable
 from ango.health import DatabaseWatch
+from ango.importer import check_text as _text
 from ango.importer import parse_uuid
 from ango.shards import messages as m
 from ango.shards.supervisor import (
@@ -44,9 +45,6 @@ log = logging.getLogger("ango.allocator")
 
 MAX_CUSTOMER_ID = 256
 MAX_REQUEST_ID = 128
-#: Control characters (Unicode category Cc) and lone surrogates (not text at all, and not
-#: storable): the characters a customer or request id must not hold (docs/PROTOCOL.md).
-_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 #: The UUID spellings accepted: 8-4-4-4-12 with hyphens or 32 digits, either case.
 _UUID_FORM = re.compile(r"[0-9a-fA-F]{8}(-?)[0-9a-fA-F]{4}\1[0-9a-fA-F]{4}\1[0-9a-fA-F]{4}\1"
                         r"[0-9a-fA-F]{12}")
@@ -69,21 +67,6 @@ def _uuid_text(value: object, what: str) -> str:
         _CANONICAL.clear()
     _CANONICAL[value] = text
     return text
-
-
-def _text(value: object, what: str, limit: int) -> str:
-    if not isinstance(value, str):
-        raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
-    if not value:
-        raise InvalidInput(f"{what} must not be empty")
-    if len(value) > limit:
-        raise InvalidInput(f"{what} is longer than {limit} characters")
-    bad = _FORBIDDEN.search(value)
-    if bad:
-        kind = "a lone surrogate" if bad.group() >= "\ud800" else "a control character"
-        raise InvalidInput(f"{what} contains {kind} (U+{ord(bad.group()):04X}) "
-                           f"at position {bad.start()}")
-    return value
 
 
 def shards_for(requested: int | None, budget: database.ConnectionBudget,
@@ -241,6 +224,65 @@ class Allocator:
     def _batches(self, client_id: str | None) -> list[dict[str, Any]]:
         with database.connect(self.dsn, autocommit=True) as conn:
             return [b.to_dict() for b in batches_lib.list_batches(conn, client_id)]
+
+    async def _read(self, fn, *args):
+        """``fn(conn, *args)`` on a fresh autocommit connection, in a thread."""
+        def call():
+            with database.connect(self.dsn, autocommit=True) as conn:
+                return fn(conn, *args)
+        return await self._in_thread(call)
+
+    async def lookup(self, code: str) -> dict[str, Any]:
+        """Who has ``code``, as `ango lookup --json` prints it (see ango.lookup)."""
+        from ango.lookup import lookup_code
+
+        return (await self._read(lookup_code, code)).to_dict()
+
+    async def customer_codes(self, customer_id: str, batch_id: str | None = None,
+                             limit: int = 1000) -> list[dict[str, Any]]:
+        """The codes ``customer_id`` received, newest first (see ango.lookup)."""
+        from ango.lookup import customer_codes
+
+        rows = await self._read(customer_codes, customer_id, batch_id, limit)
+        return [row.to_dict() for row in rows]
+
+    async def export(self, batch_id: str, what: str, out: Any, fmt: str = "csv") -> int:
+        """Stream the batch's issued or available codes to ``out`` (a binary
+        stream or a path) as CSV or JSON lines; return the rows (see ango.export)."""
+        from ango.export import export_codes
+
+        return await self._read(export_codes, batch_id, what, out, fmt)
+
+    async def top_up(self, source: Any, batch_id: str, client_id: str | None = None) -> int:
+        """Add the codes of ``source`` (a path or binary stream) to a running batch;
+        the shards see them without a restart. Returns the codes added (see
+        ango.importer.top_up)."""
+        from ango.importer import top_up
+
+        result = await self._in_thread(top_up, self.dsn, source, batch_id, client_id)
+        return result.imported
+
+    async def set_schedule(self, batch_id: str, starts_at: Any = None,
+                           expires_at: Any = None, *, keep_start: bool = False,
+                           keep_end: bool = False) -> dict[str, Any]:
+        """Set a batch's ``starts_at`` and ``expires_at`` (None clears; ``keep_*``
+        leaves one as it is); every claim committed after this returns follows
+        the new schedule (see ango.schedules)."""
+        from ango.schedules import UNCHANGED, set_schedule
+
+        start = UNCHANGED if keep_start else starts_at
+        end = UNCHANGED if keep_end else expires_at
+        return (await self._read(set_schedule, batch_id, start, end)).to_dict()
+
+    async def set_rules(self, batch_id: str, rules: Any) -> dict[str, Any] | None:
+        """Replace a batch's rules (JSON text, a dict or None); every claim committed
+        after this returns is judged by them (see ango.batches.set_rules)."""
+        return await self._read(batches_lib.set_rules, batch_id, rules)
+
+    async def delete(self, batch_id: str, purge: bool = False) -> dict[str, Any]:
+        """Delete an expired batch's unissued codes and leases, or with ``purge``
+        every trace of it (see ango.batches.delete_batch)."""
+        return await self._read(batches_lib.delete_batch, batch_id, purge)
 
     def _on_stats(self, reply: m.StatsReply) -> None:
         waiter = self._stats_waiters.pop(reply.tag_id, None)
@@ -405,6 +447,37 @@ class SyncAllocator:
     def batches(self) -> list[dict[str, Any]]:
         """As :meth:`Allocator.batches`, blocking."""
         return self._call(self._allocator.batches())
+
+    def lookup(self, code: str) -> dict[str, Any]:
+        """As :meth:`Allocator.lookup`, blocking."""
+        return self._call(self._allocator.lookup(code))
+
+    def customer_codes(self, customer_id: str, batch_id: str | None = None,
+                       limit: int = 1000) -> list[dict[str, Any]]:
+        """As :meth:`Allocator.customer_codes`, blocking."""
+        return self._call(self._allocator.customer_codes(customer_id, batch_id, limit))
+
+    def export(self, batch_id: str, what: str, out: Any, fmt: str = "csv") -> int:
+        """As :meth:`Allocator.export`, blocking."""
+        return self._call(self._allocator.export(batch_id, what, out, fmt))
+
+    def top_up(self, source: Any, batch_id: str, client_id: str | None = None) -> int:
+        """As :meth:`Allocator.top_up`, blocking."""
+        return self._call(self._allocator.top_up(source, batch_id, client_id))
+
+    def set_schedule(self, batch_id: str, starts_at: Any = None, expires_at: Any = None, *,
+                     keep_start: bool = False, keep_end: bool = False) -> dict[str, Any]:
+        """As :meth:`Allocator.set_schedule`, blocking."""
+        return self._call(self._allocator.set_schedule(
+            batch_id, starts_at, expires_at, keep_start=keep_start, keep_end=keep_end))
+
+    def set_rules(self, batch_id: str, rules: Any) -> dict[str, Any] | None:
+        """As :meth:`Allocator.set_rules`, blocking."""
+        return self._call(self._allocator.set_rules(batch_id, rules))
+
+    def delete(self, batch_id: str, purge: bool = False) -> dict[str, Any]:
+        """As :meth:`Allocator.delete`, blocking."""
+        return self._call(self._allocator.delete(batch_id, purge))
 
     def stats(self) -> dict[str, Any]:
         """As :meth:`Allocator.stats`, blocking."""

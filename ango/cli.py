@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -100,6 +104,42 @@ class _Group(click.Group):
             raise Failure(exc) from None
 
 
+@contextlib.contextmanager
+def _progress(length: int, label: str, quiet: bool,
+              unit: str = "rows") -> Iterator[Callable[[int], None] | None]:
+    """A callback taking the amount done so far, drawing a bar with the amount,
+    the rate and the ETA on standard error; None under --json or when standard
+    error is not a terminal (nothing is drawn)."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    started = time.monotonic()
+
+    def describe(done: int | None) -> str:
+        if done is None:
+            return ""
+        rate = done / max(time.monotonic() - started, 1e-3)
+        if unit == "bytes":
+            return f"{done / 1e6:,.1f} MB, {rate / 1e6:,.1f} MB/s"
+        return f"{done:,} {unit}, {rate:,.0f} {unit}/s"
+
+    seen = [0]
+    with click.progressbar(length=max(length, 1), label=label, file=sys.stderr, show_eta=True,
+                           item_show_func=describe) as bar:
+        def update(done: int) -> None:
+            bar.update(done - seen[0], done)
+            seen[0] = done
+
+        yield update
+
+
+def _on_db(dsn: str | None, data_dir: str | None, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(conn, *args)`` on the resolved database (an AngoError reaches _Group)."""
+    found = database.ready_dsn(dsn, data_dir)
+    with database.connect(found, autocommit=True) as conn:
+        return fn(conn, *args)
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="ango")
 def main() -> None:
@@ -121,40 +161,50 @@ def migrate(dsn: str | None, data_dir: str | None, partitions: int) -> None:
 
 @main.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--client", "client_id", required=True, help="Client id (UUID) owning the batch.")
-@click.option("--batch", "batch_name", required=True, help="Name of the new batch.")
+@click.option("--client", "client_id", default=None,
+              help="Client id (UUID) owning the batch (required for a new batch).")
+@click.option("--batch", "batch_name", default=None, help="Name of the new batch.")
+@click.option("--into", "into", default=None,
+              help="Add the codes to this existing batch (UUID) instead of creating one.")
 @click.option("--rules", default=None,
               help='Rules JSON, e.g. {"maxpercustomer": 2, "timelimit": 30}.')
+@click.option("--starts-at", default=None,
+              help="Hand out codes from this time on (ISO 8601 with a zone, e.g. "
+                   "2026-12-01T09:00:00Z).")
+@click.option("--expires-at", default=None,
+              help="Hand out no code from this time on (ISO 8601 with a zone).")
 @click.option("--header/--no-header", default=None,
               help="Line 1 is a header / is a code (default: a header if it names 'code'; "
                    "refused if it only looks like one).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_dsn_option
 @_data_dir_option
-def import_cmd(file: Path, client_id: str, batch_name: str, rules: str | None,
+def import_cmd(file: Path, client_id: str | None, batch_name: str | None, into: str | None,
+               rules: str | None, starts_at: str | None, expires_at: str | None,
                header: bool | None, as_json: bool, dsn: str | None, data_dir: str | None) -> None:
-    """Create a batch from FILE (CSV with client_id,code, or one code per line)."""
-    from ango.importer import import_codes
+    """Create a batch from FILE (CSV with client_id,code, or one code per line),
+    or add FILE's codes to an existing batch with --into."""
+    from ango.importer import import_codes, top_up
 
+    if into is not None:
+        if any(v is not None for v in (batch_name, rules, starts_at, expires_at)):
+            raise click.UsageError("--into adds to an existing batch: no --batch, --rules, "
+                                   "--starts-at or --expires-at (see ango rules, ango schedule)")
+    elif client_id is None or batch_name is None:
+        raise click.UsageError("a new batch needs --client and --batch (or use --into BATCH_ID)")
     found = database.ready_dsn(dsn, data_dir)
-    size = os.path.getsize(file)
 
     def waiting() -> None:
         click.echo("another import is running; waiting for it to finish", err=True)
 
-    if sys.stderr.isatty() and not as_json:
-        with click.progressbar(length=size, label="importing", file=sys.stderr) as bar:
-            seen = [0]
-
-            def progress(done: int) -> None:
-                bar.update(done - seen[0])
-                seen[0] = done
-
-            result = import_codes(found, file, client_id, batch_name, rules, progress=progress,
-                                  header=header, on_wait=waiting)
-    else:
-        result = import_codes(found, file, client_id, batch_name, rules, header=header,
-                              on_wait=waiting)
+    with _progress(os.path.getsize(file), "importing", as_json, "bytes") as progress:
+        if into is not None:
+            result = top_up(found, file, into, client_id, progress=progress, header=header,
+                            on_wait=waiting)
+        else:
+            result = import_codes(found, file, client_id, batch_name, rules,
+                                  progress=progress, header=header, on_wait=waiting,
+                                  starts_at=starts_at, expires_at=expires_at)
     if as_json:
         click.echo(json.dumps({"batch_id": str(result.batch_id), "imported": result.imported}))
     else:
@@ -510,3 +560,148 @@ def stats(as_json: bool, host: str, port: int, token: str | None, timeout: float
     else:
         for line in stats_lines(found):
             click.echo(line)
+
+
+@main.command()
+@click.argument("code")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_dsn_option
+@_data_dir_option
+def lookup(code: str, as_json: bool, dsn: str | None, data_dir: str | None) -> None:
+    """Who has CODE: its batch and, if issued, customer, time and request id."""
+    from ango.lookup import lookup_code
+
+    info = _on_db(dsn, data_dir, lookup_code, code)
+    if as_json:
+        click.echo(json.dumps(info.to_dict()))
+        return
+    for name, value in info.to_dict().items():
+        if value is not None:
+            click.echo(f"{name + ':':12} {value}")
+
+
+@main.command()
+@click.argument("customer_id")
+@click.option("--batch", "batch_id", default=None, help="Only codes of this batch (UUID).")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 10_000),
+              help="At most this many codes, newest first.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_dsn_option
+@_data_dir_option
+def customer(customer_id: str, batch_id: str | None, limit: int, as_json: bool,
+             dsn: str | None, data_dir: str | None) -> None:
+    """Every code CUSTOMER_ID received, newest first."""
+    from ango.lookup import customer_codes
+
+    rows = _on_db(dsn, data_dir, customer_codes, customer_id, batch_id, limit)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in rows]))
+        return
+    for r in rows:
+        click.echo(f"{r.issued_at}  {r.batch_id}  {r.code}  {r.request_id}")
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--issued", "what", flag_value="issued",
+              help="The issued codes: code, customer_id, issued_at, request_id.")
+@click.option("--available", "what", flag_value="available",
+              help="The codes not issued, in import order.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv",
+              show_default=True, help="CSV with a header, or one JSON object per line.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write to this file (default: standard output).")
+@click.option("--json", "as_json", is_flag=True,
+              help="With -o: print a JSON summary instead of a sentence.")
+@_dsn_option
+@_data_dir_option
+def export(batch_id: str, what: str | None, fmt: str, output: Path | None, as_json: bool,
+           dsn: str | None, data_dir: str | None) -> None:
+    """Stream BATCH_ID's issued or available codes (COPY ... TO STDOUT)."""
+    from ango.export import export_codes, plan_export
+
+    if what is None:
+        raise click.UsageError("choose --issued or --available")
+    if as_json and output is None:
+        raise click.UsageError("--json needs -o FILE (the codes go to standard output)")
+
+    def run(conn) -> int:
+        plan = plan_export(conn, batch_id, what, fmt)  # checked before the file is made
+        out = open(output, "wb") if output is not None else sys.stdout.buffer
+        try:
+            with _progress(plan.expected_rows, "exporting", as_json) as progress:
+                return export_codes(conn, batch_id, what, out, fmt, progress=progress)
+        finally:
+            if output is not None:
+                out.close()
+
+    rows = _on_db(dsn, data_dir, run)
+    if output is None:
+        return
+    if as_json:
+        click.echo(json.dumps({"batch_id": batch_id, "what": what, "format": fmt,
+                               "rows": rows, "file": str(output)}))
+    else:
+        click.echo(f"exported {rows} {what} codes to {output}", err=True)
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--starts-at", default=None,
+              help="New start (ISO 8601 with a zone), or 'none' to clear it.")
+@click.option("--expires-at", default=None,
+              help="New end (ISO 8601 with a zone, in the future), or 'none' to clear it.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_dsn_option
+@_data_dir_option
+def schedule(batch_id: str, starts_at: str | None, expires_at: str | None, as_json: bool,
+             dsn: str | None, data_dir: str | None) -> None:
+    """Change when BATCH_ID hands out codes; prints the schedule."""
+    from ango.schedules import UNCHANGED, set_schedule
+
+    result = _on_db(dsn, data_dir, set_schedule, batch_id,
+                    UNCHANGED if starts_at is None else starts_at,
+                    UNCHANGED if expires_at is None else expires_at)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        click.echo(f"starts_at: {result.starts_at or '-'}  expires_at: {result.expires_at or '-'}")
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--set", "rules", required=True,
+              help='New rules JSON, e.g. {"maxpercustomer": 1}; null removes every limit.')
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_dsn_option
+@_data_dir_option
+def rules(batch_id: str, rules: str, as_json: bool, dsn: str | None,
+          data_dir: str | None) -> None:
+    """Replace BATCH_ID's rules; every claim committed afterwards follows them."""
+    result = _on_db(dsn, data_dir, batches_lib.set_rules, batch_id, rules)
+    click.echo(json.dumps({"batch_id": batch_id, "rules": result}) if as_json
+               else f"rules: {json.dumps(result)}")
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--purge", is_flag=True,
+              help="Also remove the issued codes and the record of who got them.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation of --purge.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_dsn_option
+@_data_dir_option
+def delete(batch_id: str, purge: bool, yes: bool, as_json: bool, dsn: str | None,
+           data_dir: str | None) -> None:
+    """Delete an expired BATCH_ID's unissued codes and leases (issues are kept)."""
+    if purge and not yes:
+        click.confirm(f"Remove batch {batch_id} and the record of every code it issued?",
+                      abort=True, err=True)
+    result = _on_db(dsn, data_dir, batches_lib.delete_batch, batch_id, purge)
+    if as_json:
+        click.echo(json.dumps(result))
+    elif purge:
+        click.echo(f"purged {batch_id}: {result['codes_deleted']} codes, "
+                   f"{result['issues_deleted']} issues")
+    else:
+        click.echo(f"deleted {result['codes_deleted']} unissued codes of {batch_id}")

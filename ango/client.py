@@ -45,12 +45,22 @@ from ango.protocol import (
     BatchList,
     Claim,
     Code,
+    CodeInfo,
+    CustomerCodeList,
+    CustomerCodes,
+    DeleteBatch,
+    Deleted,
     Error,
     Expire,
     Expired,
     GetStats,
     Hello,
     ListBatches,
+    Lookup,
+    RulesSet,
+    ScheduleSet,
+    SetRules,
+    SetSchedule,
     Stats,
     Welcome,
     append_frame,
@@ -193,6 +203,28 @@ def _add_page(resp: BatchList, into: list[dict[str, Any]], seen: set[str]) -> st
     return cursor
 
 
+def _fields(resp: msgspec.Struct) -> dict[str, Any]:
+    """An answer's fields but its id, as a dict."""
+    info = msgspec.structs.asdict(resp)
+    del info["id"]
+    return info
+
+
+def _customer_codes(resp: CustomerCodeList) -> list[dict[str, Any]]:
+    return [msgspec.structs.asdict(c) for c in resp.codes]
+
+
+def _set_schedule(batch_id: str, starts_at: Any, expires_at: Any
+                  ) -> Callable[[int], SetSchedule]:
+    """The request; ``KEEP`` (the default) leaves a field out, so it keeps its value."""
+    return lambda i: SetSchedule(i, batch_id, msgspec.UNSET if starts_at is KEEP else starts_at,
+                                 msgspec.UNSET if expires_at is KEEP else expires_at)
+
+
+#: Passed to ``set_schedule`` for a field that keeps its value.
+KEEP: Any = msgspec.UNSET
+
+
 class Client:
     """A blocking client over one connection; safe to share between threads (calls take turns).
 
@@ -259,6 +291,30 @@ class Client:
     def stats(self) -> dict[str, Any]:
         """Health and counters of the server and its allocator."""
         return self._request(GetStats, Stats).stats
+
+    def lookup(self, code: str) -> dict[str, Any]:
+        """Who has ``code`` (fields as ``code_info`` in docs/PROTOCOL.md)."""
+        return _fields(self._request(lambda i: Lookup(i, code), CodeInfo))
+
+    def customer_codes(self, customer_id: str, batch_id: str | None = None,
+                       limit: int = 50) -> list[dict[str, Any]]:
+        """The codes ``customer_id`` received, newest first (at most 50 per call)."""
+        return _customer_codes(self._request(
+            lambda i: CustomerCodes(i, customer_id, batch_id, limit), CustomerCodeList))
+
+    def set_rules(self, batch_id: str, rules: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Replace the batch's rules; returns them as now in force."""
+        return self._request(lambda i: SetRules(i, batch_id, rules), RulesSet).rules
+
+    def set_schedule(self, batch_id: str, starts_at: str | None = KEEP,
+                     expires_at: str | None = KEEP) -> dict[str, Any]:
+        """Change the batch's start and/or end (ISO 8601; None clears; KEEP keeps)."""
+        return _fields(self._request(_set_schedule(batch_id, starts_at, expires_at),
+                                     ScheduleSet))
+
+    def delete(self, batch_id: str, purge: bool = False) -> dict[str, Any]:
+        """Delete an expired batch's unissued codes (``purge``: every trace of it)."""
+        return _fields(self._request(lambda i: DeleteBatch(i, batch_id, purge), Deleted))
 
     def close(self) -> None:
         """Close the connection; the client cannot be used afterwards."""
@@ -611,6 +667,31 @@ class AsyncClient:
     async def stats(self) -> dict[str, Any]:
         """Health and counters of the server and its allocator."""
         return (await self._request(GetStats, Stats)).stats
+
+    async def lookup(self, code: str) -> dict[str, Any]:
+        """Who has ``code`` (fields as ``code_info`` in docs/PROTOCOL.md)."""
+        return _fields(await self._request(lambda i: Lookup(i, code), CodeInfo))
+
+    async def customer_codes(self, customer_id: str, batch_id: str | None = None,
+                             limit: int = 50) -> list[dict[str, Any]]:
+        """The codes ``customer_id`` received, newest first (at most 50 per call)."""
+        return _customer_codes(await self._request(
+            lambda i: CustomerCodes(i, customer_id, batch_id, limit), CustomerCodeList))
+
+    async def set_rules(self, batch_id: str, rules: dict[str, Any] | None
+                        ) -> dict[str, Any] | None:
+        """Replace the batch's rules; returns them as now in force."""
+        return (await self._request(lambda i: SetRules(i, batch_id, rules), RulesSet)).rules
+
+    async def set_schedule(self, batch_id: str, starts_at: str | None = KEEP,
+                           expires_at: str | None = KEEP) -> dict[str, Any]:
+        """Change the batch's start and/or end (ISO 8601; None clears; KEEP keeps)."""
+        return _fields(await self._request(_set_schedule(batch_id, starts_at, expires_at),
+                                           ScheduleSet))
+
+    async def delete(self, batch_id: str, purge: bool = False) -> dict[str, Any]:
+        """Delete an expired batch's unissued codes (``purge``: every trace of it)."""
+        return _fields(await self._request(lambda i: DeleteBatch(i, batch_id, purge), Deleted))
 
     async def close(self) -> None:
         """Close the connection; the client cannot be used afterwards."""

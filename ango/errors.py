@@ -40,6 +40,12 @@ class BatchExpired(AngoError):
     code = "batch_expired"
 
 
+class BatchNotStarted(AngoError):
+    """The batch's schedule has not started yet; its codes are handed out from ``starts_at``."""
+
+    code = "batch_not_started"
+
+
 class BatchExhausted(AngoError):
     """Every code of the batch has been issued."""
 
@@ -114,6 +120,7 @@ ERRORS_BY_CODE: dict[str, type[AngoError]] = {
         BatchExpired,
         BatchExhausted,
         RuleViolation,
+        BatchNotStarted,
         Unavailable,
         ImportFailed,
         ConfigurationError,

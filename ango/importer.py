@@ -34,6 +34,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -41,6 +42,8 @@ import psycopg
 
 from ango import database
 from ango.errors import (
+    BatchExpired,
+    BatchNotFound,
     DatabaseError,
     DatabaseMissing,
     DatabaseRefused,
@@ -56,6 +59,9 @@ MAX_CODE_LENGTH = 256
 MAX_LINE_BYTES = 64 * 1024
 _BLOCK_BYTES = 1 << 20
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: What a customer or request id must not hold (docs/PROTOCOL.md): control
+#: characters (Unicode category Cc) and lone surrogates (not text, not storable).
+_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _COPY_LINE = re.compile(r"line (\d+)")
 # First lines taken for a header of a one-column file (compared lower-case, without
 # spaces, '-' and '_'), unless the caller says there is no header.
@@ -93,6 +99,23 @@ def parse_uuid(value: object, what: str) -> uuid.UUID:
         return uuid.UUID(value)
     except ValueError:
         raise InvalidInput(f"{what} must be a UUID, got {value[:80]!r}") from None
+
+
+def check_text(value: object, what: str, limit: int) -> str:
+    """A non-empty string of at most ``limit`` characters without control
+    characters or lone surrogates, or InvalidInput naming ``what`` and where."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidInput(f"{what} must not be empty")
+    if len(value) > limit:
+        raise InvalidInput(f"{what} is longer than {limit} characters")
+    bad = _FORBIDDEN.search(value)
+    if bad:
+        kind = "a lone surrogate" if bad.group() >= "\ud800" else "a control character"
+        raise InvalidInput(f"{what} contains {kind} (U+{ord(bad.group()):04X}) "
+                           f"at position {bad.start()}")
+    return value
 
 
 class _Rows:
@@ -333,9 +356,9 @@ def _code_order(codes: list[str]) -> list[int]:
     return sorted(range(len(codes)), key=codes.__getitem__)
 
 
-def _copy_blocks(rows: _Rows, batch_key: int) -> Iterator[tuple[int, str, int]]:
-    """(codes so far, COPY text of the next block, bytes read) for ``ango.codes``."""
-    seq = 0
+def _copy_blocks(rows: _Rows, batch_key: int, seq: int = 0) -> Iterator[tuple[int, str, int]]:
+    """(last seq so far, COPY text of the next block, bytes read) for ``ango.codes``;
+    the codes are numbered after ``seq`` (0 for a new batch, its total for a top-up)."""
     for codes in rows:
         first = seq + 1
         seq += len(codes)
@@ -412,8 +435,13 @@ def import_codes(
     progress: Callable[[int], None] | None = None,
     header: bool | None = None,
     on_wait: Callable[[], None] | None = None,
+    starts_at: str | datetime | None = None,
+    expires_at: str | datetime | None = None,
 ) -> ImportResult:
     """Create a batch from a file of codes; all or nothing.
+
+    ``starts_at`` / ``expires_at`` (aware datetimes or ISO 8601 text) schedule
+    the batch (see ango.schedules).
 
     ``header`` says whether line 1 is a header (True) or a code (False); when
     None, a line 1 naming ``code`` is a header and one that looks like a header
@@ -423,17 +451,27 @@ def import_codes(
     the database failed and a retry is safe) or InvalidInput; on any error
     nothing is imported.
     """
+    from ango.schedules import check_order, parse_instant
+
+    schedule = (parse_instant(starts_at, "starts_at"), parse_instant(expires_at, "expires_at"))
+    check_order(*schedule)
     client = parse_uuid(client_id, "client id")
     if not isinstance(batch_name, str) or not batch_name.strip() or len(batch_name) > 200:
         raise InvalidInput("batch name must be 1 to 200 characters")
     if _CONTROL.search(batch_name):
         raise InvalidInput("batch name contains a control character")
     parsed = parse_rules(rules)
-    options = _Options(parsed.to_json(), progress, header, on_wait)
+    options = _Options(parsed.to_json(), progress, header, on_wait, schedule)
+    return _from_source(source, lambda stream: _import(dsn, stream, client, batch_name, options))
+
+
+def _from_source(source: str | Path | BinaryIO, load: Callable[[BinaryIO], ImportResult]
+                 ) -> ImportResult:
+    """``load`` a path (opened and closed here) or a binary stream."""
     if isinstance(source, (str, Path)):
         with open(source, "rb") as stream:
-            return _import(dsn, stream, client, batch_name, options)
-    return _import(dsn, source, client, batch_name, options)
+            return load(stream)
+    return load(source)
 
 
 @dataclass(frozen=True)
@@ -444,13 +482,48 @@ class _Options:
     progress: Callable[[int], None] | None
     header: bool | None
     on_wait: Callable[[], None] | None
+    schedule: tuple[datetime | None, datetime | None] = (None, None)
 
 
 def _import(dsn, stream, client, batch_name, options: _Options) -> ImportResult:
-    """One import, with any database failure told as an ImportFailed."""
+    """One import of a new batch."""
+    batch_id = uuid.uuid4()
+
+    def create(conn: psycopg.Connection) -> tuple[int, int]:
+        conn.execute(queries["ensure_client"], (client,))
+        (batch_key,) = conn.execute(
+            queries["insert_batch"],
+            (batch_id, client, batch_name, psycopg.types.json.Jsonb(options.rules_json)),
+        ).fetchone()
+        if options.schedule != (None, None):
+            starts_at, expires_at = options.schedule
+            conn.execute(queries["set_batch_schedule"],
+                         {"key": batch_key, "starts_at": starts_at, "expires_at": expires_at})
+        return batch_key, 0
+
+    def finish(conn: psycopg.Connection, batch_key: int, added: int) -> None:
+        conn.execute(queries["set_batch_total"], (added, batch_key))
+        conn.execute(queries["insert_lease_cursor"], (batch_key, added))
+
+    lost = (f"batch {batch_id} may or may not have been created (`ango batches` tells); "
+            "retrying is safe, since a retry of a committed import is refused whole as "
+            "already in the database")
+    added = _load(dsn, stream, client, options, create, finish, lost)
+    return ImportResult(batch_id, added)
+
+
+def _load(dsn: str, stream: BinaryIO, client: uuid.UUID, options: _Options,
+          begin: Callable[[psycopg.Connection], tuple[int, int]],
+          finish: Callable[[psycopg.Connection, int, int], None], lost: str) -> int:
+    """One import transaction, with any database failure told as an ImportFailed.
+
+    ``begin`` gives the batch key and the last seq, the file's codes are COPYed
+    after it, ``finish`` records how many; returns that. ``lost`` says what may
+    have happened when the connection broke during the COMMIT.
+    """
     try:
         with database.connect(dsn) as conn:
-            return _import_on(conn, dsn, stream, client, batch_name, options)
+            return _load_on(conn, dsn, stream, client, options, begin, finish, lost)
     except (DatabaseRefused, DatabaseMissing, DatabaseError) as exc:
         raise ImportFailed(f"{exc}; nothing was imported") from exc
     except Unavailable as exc:
@@ -458,26 +531,21 @@ def _import(dsn, stream, client, batch_name, options: _Options) -> ImportResult:
             f"{exc}; nothing was imported, and retrying the import is safe") from exc
 
 
-def _import_on(conn, dsn, stream, client, batch_name, options: _Options) -> ImportResult:
-    batch_id = uuid.uuid4()
+def _load_on(conn, dsn, stream, client, options: _Options, begin, finish, lost: str) -> int:
     progress = options.progress
     # Where the file starts, to read it again for an error report.
     start = stream.tell() if stream.seekable() else None
     before = _file_state(stream)
     rows = _Rows(stream, client, options.header)
-    seq = 0
     try:
         if not conn.execute(queries["import_try_lock"], (_IMPORT_LOCK,)).fetchone()[0]:
             if options.on_wait is not None:
                 options.on_wait()
             conn.execute(queries["import_lock"], (_IMPORT_LOCK,))
-        conn.execute(queries["ensure_client"], (client,))
-        (batch_key,) = conn.execute(
-            queries["insert_batch"],
-            (batch_id, client, batch_name, psycopg.types.json.Jsonb(options.rules_json)),
-        ).fetchone()
+        batch_key, first = begin(conn)
+        seq = first
         with (
-            _Background(_copy_blocks(rows, batch_key)) as blocks,
+            _Background(_copy_blocks(rows, batch_key, first)) as blocks,
             conn.cursor().copy(queries["copy_codes"]) as copy,
         ):
             for done, text, consumed in blocks:
@@ -485,11 +553,10 @@ def _import_on(conn, dsn, stream, client, batch_name, options: _Options) -> Impo
                 seq = done
                 if progress is not None:
                     progress(consumed)
-        if seq == 0:
+        if seq == first:
             raise ImportFailed("the file holds no codes; nothing was imported")
         _refuse_if_changed(stream, before)
-        conn.execute(queries["set_batch_total"], (seq, batch_key))
-        conn.execute(queries["insert_lease_cursor"], (batch_key, seq))
+        finish(conn, batch_key, seq - first)
     except psycopg.errors.UniqueViolation as exc:
         conn.rollback()
         raise _duplicate_error(conn, stream, start, rows, exc) from None
@@ -501,11 +568,60 @@ def _import_on(conn, dsn, stream, client, batch_name, options: _Options) -> Impo
     except psycopg.OperationalError as exc:
         # The COMMIT may or may not have reached the server before the connection broke.
         raise ImportInterrupted(
-            f"{database.translate(exc, dsn)} while committing: batch {batch_id} may or may "
-            "not have been created (`ango batches` tells); retrying is safe, since a "
-            "retry of a committed import is refused whole as already in the database"
-        ) from exc
-    return ImportResult(batch_id, seq)
+            f"{database.translate(exc, dsn)} while committing: {lost}") from exc
+    return seq - first
+
+
+def top_up(
+    dsn: str,
+    source: str | Path | BinaryIO,
+    batch_id: str | uuid.UUID,
+    client_id: str | uuid.UUID | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+    header: bool | None = None,
+    on_wait: Callable[[], None] | None = None,
+) -> ImportResult:
+    """Add a file's codes to an existing batch; all or nothing, same checks as an import.
+
+    Codes must be new across all batches. Like an import it runs under the
+    import lock; the batch row is locked ``FOR NO KEY UPDATE`` (claims, which
+    lock it ``FOR KEY SHARE``, go on; an expiry or a rule or schedule change
+    waits), the codes are numbered after the batch's last ``seq``, and the
+    batch's total and lease cursor grow in the same transaction: once it
+    commits, shards lease the new codes at their next need, without a restart,
+    and a batch that was exhausted is claimable again. Raises BatchNotFound,
+    BatchExpired, ImportFailed (naming the line) or InvalidInput.
+    """
+    bid = parse_uuid(batch_id, "batch id")
+    given = None if client_id is None else parse_uuid(client_id, "client id")
+    # The batch's client, to check the file's client_id column against.
+    with database.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(queries["batch_for_top_up"], (bid,)).fetchone()
+    if row is None:
+        raise BatchNotFound(f"no batch with id {bid}")
+    client = row[1]
+    if given is not None and given != client:
+        raise InvalidInput(f"batch {bid} belongs to client {client}, not {given}")
+
+    def begin(conn: psycopg.Connection) -> tuple[int, int]:
+        row = conn.execute(queries["lock_batch_for_top_up"], (bid,)).fetchone()
+        if row is None:
+            raise BatchNotFound(f"no batch with id {bid}")
+        key, _, total, expired = row
+        if expired:
+            raise BatchExpired(f"batch {bid} has expired; codes cannot be added to it")
+        return key, total
+
+    def finish(conn: psycopg.Connection, batch_key: int, added: int) -> None:
+        conn.execute(queries["grow_batch"], {"key": batch_key, "added": added})
+
+    options = _Options(None, progress, header, on_wait)
+    lost = (f"the codes may or may not have been added to batch {bid} (`ango batches` "
+            "tells); retrying is safe, since a retry of a committed top-up is refused whole "
+            "as already in the database")
+    return _from_source(source, lambda stream: ImportResult(
+        bid, _load(dsn, stream, client, options, begin, finish, lost)))
 
 
 def _file_state(stream: BinaryIO) -> tuple[int, int] | None:

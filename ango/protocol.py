@@ -89,7 +89,54 @@ class Ping(_Message, tag="ping"):
     id: int
 
 
-Request = Hello | Claim | ListBatches | Expire | GetStats | Ping
+class Lookup(_Message, tag="lookup"):
+    """Who has ``code`` (issue 14); answered with ``code_info``."""
+
+    id: int
+    code: str
+
+
+#: Most codes one ``customer_codes`` answer carries: 50 entries of the longest
+#: fields still fit in a frame.
+MAX_CUSTOMER_CODES_PER_FRAME = 50
+
+
+class CustomerCodes(_Message, tag="customer_codes"):
+    """The codes ``customer_id`` received (of ``batch_id`` if given), newest first."""
+
+    id: int
+    customer_id: str
+    batch_id: str | None = None
+    limit: int = MAX_CUSTOMER_CODES_PER_FRAME
+
+
+class SetRules(_Message, tag="set_rules"):
+    """Replace a batch's rules (nil: no limit); answered with ``rules_set``."""
+
+    id: int
+    batch_id: str
+    rules: dict[str, Any] | None
+
+
+class SetSchedule(_Message, tag="set_schedule"):
+    """Change a batch's start and/or end; an absent field keeps its value, nil clears it."""
+
+    id: int
+    batch_id: str
+    starts_at: str | None | msgspec.UnsetType = msgspec.UNSET
+    expires_at: str | None | msgspec.UnsetType = msgspec.UNSET
+
+
+class DeleteBatch(_Message, tag="delete"):
+    """Delete an expired batch's unissued codes and leases (``purge``: every trace)."""
+
+    id: int
+    batch_id: str
+    purge: bool = False
+
+
+Request = (Hello | Claim | ListBatches | Expire | GetStats | Ping | Lookup | CustomerCodes
+    | SetRules | SetSchedule | DeleteBatch)
 
 
 # --- responses (server to client) ------------------------------------------------
@@ -125,6 +172,8 @@ class Batch(msgspec.Struct):
     issued: int
     available: int
     created_at: str
+    starts_at: str | None = None   # added in ango 0.2 (issue 14): the schedule
+    expires_at: str | None = None
 
 
 class BatchList(_Message, tag="batch_list"):
@@ -168,7 +217,65 @@ class Error(_Message, tag="error"):
     retryable: bool = False
 
 
-Response = Welcome | Code | BatchList | Expired | Stats | Pong | Error
+class CodeInfo(_Message, tag="code_info"):
+    """Answer to ``lookup``; ``status`` is issued, available, expired or never_imported."""
+
+    id: int
+    code: str
+    status: str
+    batch_id: str | None = None
+    batch_name: str | None = None
+    client_id: str | None = None
+    customer_id: str | None = None
+    issued_at: str | None = None
+    request_id: str | None = None
+
+
+class CustomerCode(msgspec.Struct):
+    """One code a customer received, as listed by ``customer_codes``."""
+
+    code: str
+    batch_id: str
+    batch_name: str
+    issued_at: str
+    request_id: str
+
+
+class CustomerCodeList(_Message, tag="customer_code_list"):
+    """Answer to ``customer_codes``, newest first."""
+
+    id: int
+    codes: list[CustomerCode]
+
+
+class RulesSet(_Message, tag="rules_set"):
+    """Answer to ``set_rules``: the rules now in force, in canonical form."""
+
+    id: int
+    rules: dict[str, Any] | None
+
+
+class ScheduleSet(_Message, tag="schedule"):
+    """Answer to ``set_schedule``: the batch's schedule now (ISO 8601 or nil)."""
+
+    id: int
+    batch_id: str
+    starts_at: str | None
+    expires_at: str | None
+
+
+class Deleted(_Message, tag="deleted"):
+    """Answer to ``delete``: what was removed."""
+
+    id: int
+    batch_id: str
+    purged: bool
+    codes_deleted: int
+    issues_deleted: int
+
+
+Response = (Welcome | Code | BatchList | Expired | Stats | Pong | Error | CodeInfo
+            | CustomerCodeList | RulesSet | ScheduleSet | Deleted)
 
 
 class _Envelope(msgspec.Struct):

@@ -15,7 +15,11 @@ a shard frozen with SIGSTOP for a few seconds (longer than the supervisor's
 ping deadline, so it is replaced) then sent SIGCONT, ``kill -9`` of the whole
 server followed by a restart on the same port, a PostgreSQL restart (fast)
 and crash (immediate), a raw client that sends hello and a claim and
-disconnects before reading, and one ``expire``. After
+disconnects before reading, and one ``expire``; and
+(issue 14) a top-up of a small batch that runs out within seconds (a claim
+right after it must get a code) and a schedule edge: a batch's ``expires_at``
+set a second ahead over the protocol (once passed, no claim of it may
+succeed, and ``ango.audit`` checks every issue against it). After
 each fault, once a claim succeeds again, and at the end, the database is
 checked against what the clients were told:
 
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import datetime
 import io
 import json
 import os
@@ -83,8 +88,10 @@ ANSWER_AGAIN_S = 90.0
 #: How long a frozen shard stays stopped: past the default ping deadline (3 s).
 FREEZE_S = 4.0
 ROTATION = ["shard_kill", "shard_freeze", "server_kill", "pg_restart", "client_disconnect",
-            "expire", "shard_kill", "pg_crash", "server_kill", "shard_freeze",
-            "client_disconnect"]
+            "expire", "top_up", "shard_kill", "pg_crash", "schedule_end", "server_kill",
+            "shard_freeze", "client_disconnect", "top_up"]
+#: Faults that happen once per run (the batch they end stays ended).
+ONCE = ("expire", "schedule_end")
 
 ISSUES_SQL = """
 SELECT i.code, b.id::text, i.customer_id, i.request_id
@@ -275,6 +282,10 @@ def make_batches(dsn: str, seconds: float) -> Batches:
         "max1w30": (4000, {"maxpercustomer": 1, "timelimit": 30}, 2500, 0.25),
         "free": (max(60_000, int(2500 * seconds)), None, 1_000_000, 0.35),
         "doomed": (20_000, {"maxpercustomer": 3}, 2500, 0.1),
+        # Runs out within seconds; topped up mid-run (issue 14).
+        "small": (300, None, 1_000_000, 0.05),
+        # Its expires_at is set mid-run, a second ahead (issue 14).
+        "scheduled": (20_000, None, 1_000_000, 0.05),
     }
     out = Batches()
     for name, (count, rules, pool, weight) in spec.items():
@@ -412,6 +423,7 @@ class Checker:
     def __init__(self, dsn: str, workload: Workload, batches: Batches) -> None:
         self.dsn, self.workload, self.batches = dsn, workload, batches
         self.expired_at: float | None = None  # monotonic time expire returned
+        self.ended_at: float | None = None  # monotonic time the scheduled end had passed
         self.extra: list[Record] = []  # claims made by the fault injector itself
 
     def client_side(self) -> dict[str, list]:
@@ -421,7 +433,7 @@ class Checker:
         with psycopg.connect(self.dsn, connect_timeout=5) as conn:
             issues = {row[0]: row[1:] for row in conn.execute(ISSUES_SQL)}
         holder: dict[str, tuple[str, str]] = {}
-        twice, unrecorded, after_expiry = [], [], []
+        twice, unrecorded, after_expiry, after_end = [], [], [], []
         for r in answered:
             key = (r.batch, r.request_id)
             if holder.setdefault(r.code, key) != key:
@@ -431,9 +443,13 @@ class Checker:
             if (self.expired_at is not None and r.batch == self.batches.ids["doomed"]
                     and r.first_sent > self.expired_at):
                 after_expiry.append((r.code, r.request_id))
+            if (self.ended_at is not None and r.batch == self.batches.ids["scheduled"]
+                    and r.first_sent > self.ended_at):
+                after_end.append((r.code, r.request_id))
         return {"I1 no code twice (clients)": twice,
                 "I2 received = recorded": unrecorded,
-                "I5 no claim after expire (clients)": after_expiry}
+                "I5 no claim after expire (clients)": after_expiry,
+                "I5 no claim after the scheduled end (clients)": after_end}
 
     def run(self, checks: Checks, when: str, deadline: float) -> float | None:
         """Every check once; I3 retried until ``deadline``. Returns when all were clean."""
@@ -575,6 +591,10 @@ class Chaos:
             self.checker.extra.append(late)
             self.checks.record("expire", "I5 claim after expire refused",
                                [] if late.outcome == "batch_expired" else [late.outcome])
+        elif kind == "top_up":
+            at, note = self._top_up()
+        elif kind == "schedule_end":
+            at, note = self._schedule_end()
         fault = Fault(kind, at, note=note)
         fault.first_claim_s = self.probe(at, shard)
         if fault.first_claim_s is None:
@@ -600,6 +620,49 @@ class Chaos:
                 if again != r.code:
                     mismatched.append((r.request_id, r.code, again))
         return mismatched
+
+    def _late_claim(self, name: str, when: str, check: str, wanted: str) -> None:
+        """One claim of batch ``name`` now; its outcome must be ``wanted``."""
+        rec = Record(self.batches.ids[name], f"{name}-late-{uuid.uuid4().hex[:8]}",
+                     f"late-{uuid.uuid4().hex}", time.monotonic())
+        try:
+            with self.client(30) as c:
+                rec.code = c.claim(rec.batch, rec.customer, client_id=CLIENT_ID,
+                                   request_id=rec.request_id)
+            rec.outcome = "code"
+        except AngoError as exc:
+            rec.outcome = exc.code
+        self.checker.extra.append(rec)
+        self.checks.record(when, check, [] if rec.outcome == wanted else [rec.outcome])
+
+    def _top_up(self) -> tuple[float, str]:
+        """Add codes to the small batch, which has run out (or soon will), while claims
+        run; a claim right after the top-up returns gets one, from the running shards."""
+        from ango.importer import top_up
+
+        body = "code\n" + "".join(f"topup-{uuid.uuid4().hex}\n" for _ in range(1000))
+        at = time.monotonic()
+        added = top_up(self.checker.dsn, io.BytesIO(body.encode()), self.batches.ids["small"])
+        self._late_claim("small", "top_up", "claimable after a top-up", "code")
+        return at, f"{added.imported} codes added"
+
+    def _schedule_end(self) -> tuple[float, str]:
+        """Set the scheduled batch's end a second ahead (over the protocol) while claims
+        run; once the database's clock has passed it, no claim of it may succeed."""
+        with psycopg.connect(self.checker.dsn) as conn:
+            (now,) = conn.execute("SELECT clock_timestamp()").fetchone()
+        end = now + datetime.timedelta(seconds=1)
+        with self.client(30) as c:
+            c.set_schedule(self.batches.ids["scheduled"], expires_at=end.isoformat())
+        while True:
+            with psycopg.connect(self.checker.dsn) as conn:
+                if conn.execute("SELECT clock_timestamp() > %s", (end,)).fetchone()[0]:
+                    break
+            time.sleep(0.05)
+        at = self.checker.ended_at = time.monotonic()
+        self._late_claim("scheduled", "schedule_end", "claim after the scheduled end refused",
+                         "batch_expired")
+        return at, f"expires_at {end.isoformat()}"
 
     def _reap(self, pids: list[int]) -> None:
         """Shards of a killed server must exit by themselves once their link is gone."""
@@ -643,7 +706,7 @@ def run(seconds: float, dsn: str | None, seed: int) -> dict[str, Any]:
         while time.monotonic() - started < seconds:
             kind = rotation[i % len(rotation)]
             i += 1
-            if kind == "expire" and checker.expired_at is not None:
+            if kind in ONCE and any(f.kind == kind for f in chaos.faults):
                 continue
             if kind.startswith("pg_") and not getattr(pg, "can_restart", True):
                 if pg.restart_note not in chaos.skipped:
@@ -659,7 +722,8 @@ def run(seconds: float, dsn: str | None, seed: int) -> dict[str, Any]:
         # Idempotency at the end: a sample of answered requests, retried, get the same code,
         # those of the expired batch included (docs/PROTOCOL.md tells clients to retry).
         answered = [r for r in workload.records if r.outcome == "code"]
-        doomed = [r for r in answered if r.batch == batches.ids["doomed"]]
+        doomed = [r for r in answered
+                  if r.batch in (batches.ids["doomed"], batches.ids["scheduled"])]
         chaos.checks.record("final", "I6 retried request gets the same code",
                             chaos.retried_differently(random.sample(answered,
                                                                     min(300, len(answered)))))

@@ -21,22 +21,42 @@ from typing import Any, Protocol
 import msgspec
 
 from ango import __version__
-from ango.errors import AngoError, AuthenticationFailed, InvalidInput, ProtocolError, Unavailable
+from ango.errors import (
+    AngoError,
+    AuthenticationFailed,
+    BatchNotFound,
+    InvalidInput,
+    ProtocolError,
+    Unavailable,
+)
+from ango.importer import parse_uuid
 from ango.protocol import (
     HEADER_SIZE,
+    MAX_CUSTOMER_CODES_PER_FRAME,
     PROTOCOL_VERSION,
     Batch,
     BatchList,
     Claim,
     Code,
+    CodeInfo,
+    CustomerCode,
+    CustomerCodeList,
+    CustomerCodes,
+    DeleteBatch,
+    Deleted,
     Error,
     Expire,
     Expired,
     GetStats,
     Hello,
     ListBatches,
+    Lookup,
     Ping,
     Pong,
+    RulesSet,
+    ScheduleSet,
+    SetRules,
+    SetSchedule,
     Stats,
     Welcome,
     append_frame,
@@ -98,6 +118,8 @@ def _batch(row: dict[str, Any]) -> Batch:
         issued=int(row["issued"]),
         available=int(row["available"]),
         created_at=created if isinstance(created, str) else created.isoformat() if created else "",
+        starts_at=row.get("starts_at"),
+        expires_at=row.get("expires_at"),
     )
 
 
@@ -330,6 +352,8 @@ class Connection(asyncio.Protocol):
             else:
                 self._call(msg.id, alloc.expire(msg.batch_id, client_id=self.scope.client_id),
                            self._expired_reply)
+        else:
+            self._lifecycle(msg)
 
     def _hello(self, msg: Hello) -> None:
         server = self.server
@@ -454,6 +478,72 @@ class Connection(asyncio.Protocol):
     @staticmethod
     def _expired_reply(request_id: int, changed: bool) -> Expired:
         return Expired(request_id, bool(changed))
+
+    # --- the life of a batch and of a code (issue 14) ------------------------------
+
+    def _lifecycle(self, msg: msgspec.Struct) -> None:
+        """Look-ups and batch changes: each one library call of the allocator."""
+        alloc = self.server.allocator
+        if alloc is None:
+            self.send(Error(msg.id, AngoError.code, "not available in noop mode", False))
+            return
+        kind = type(msg)
+        if not self.scope.admin:
+            # Look-ups span every client's batches, and the changes are the
+            # operator's: a client token gets what a batch it cannot see gets.
+            if kind in (Lookup, CustomerCodes):
+                self.send(Error(msg.id, AuthenticationFailed.code,
+                                "look-ups need the admin token", False))
+            else:
+                try:  # worded as for a batch that does not exist
+                    missing: AngoError = BatchNotFound(
+                        f"no batch with id {parse_uuid(msg.batch_id, 'batch id')}")
+                except AngoError as exc:
+                    missing = exc
+                self.send(error_frame(msg.id, missing))
+            return
+        if kind is Lookup:
+            self._call(msg.id, alloc.lookup(msg.code), self._code_info_reply)
+        elif kind is CustomerCodes:
+            if not 1 <= msg.limit <= MAX_CUSTOMER_CODES_PER_FRAME:
+                self.send(Error(msg.id, InvalidInput.code,
+                                f"limit must be between 1 and {MAX_CUSTOMER_CODES_PER_FRAME}",
+                                False))
+                return
+            self._call(msg.id, alloc.customer_codes(msg.customer_id, msg.batch_id, msg.limit),
+                       self._customer_codes_reply)
+        elif self.server.draining:  # changes are refused while shutting down, as expire is
+            self.send(Error(msg.id, Unavailable.code, "the server is shutting down", True))
+        elif kind is SetRules:
+            self._call(msg.id, alloc.set_rules(msg.batch_id, msg.rules), self._rules_reply)
+        elif kind is SetSchedule:
+            keep_start, keep_end = msg.starts_at is msgspec.UNSET, msg.expires_at is msgspec.UNSET
+            self._call(msg.id, alloc.set_schedule(
+                msg.batch_id, None if keep_start else msg.starts_at,
+                None if keep_end else msg.expires_at, keep_start=keep_start, keep_end=keep_end),
+                self._schedule_reply)
+        elif kind is DeleteBatch:
+            self._call(msg.id, alloc.delete(msg.batch_id, msg.purge), self._deleted_reply)
+
+    @staticmethod
+    def _code_info_reply(request_id: int, info: dict[str, Any]) -> CodeInfo:
+        return CodeInfo(request_id, **info)
+
+    @staticmethod
+    def _rules_reply(request_id: int, rules: dict[str, Any] | None) -> RulesSet:
+        return RulesSet(request_id, rules)
+
+    @staticmethod
+    def _schedule_reply(request_id: int, schedule: dict[str, Any]) -> ScheduleSet:
+        return ScheduleSet(request_id, **schedule)
+
+    @staticmethod
+    def _deleted_reply(request_id: int, result: dict[str, Any]) -> Deleted:
+        return Deleted(request_id, **result)
+
+    @staticmethod
+    def _customer_codes_reply(request_id: int, rows: list[dict[str, Any]]) -> CustomerCodeList:
+        return CustomerCodeList(request_id, [CustomerCode(**row) for row in rows])
 
     def _failed(self, request_id: int, exc: BaseException) -> None:
         if not isinstance(exc, AngoError):

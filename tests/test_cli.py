@@ -193,6 +193,8 @@ def test_batches_json_has_every_field_oldest_first(dsn, tmp_path):
         "issued": 0,
         "available": 1,
         "created_at": listed[0]["created_at"],
+        "starts_at": None,
+        "expires_at": None,
     }
     assert listed[1]["rules"] is None
 

@@ -73,5 +73,10 @@ class CustomerCounters:
         entry = self._get(key, limit)
         entry.times = [slots.get(i) for i in range(limit)]
 
+    def forget_batch(self, batch_key: int) -> None:
+        """Drop the counters of a batch whose rule changed."""
+        for key in [k for k in self._entries if k[0] == batch_key]:
+            del self._entries[key]
+
     def __len__(self) -> int:
         return len(self._entries)

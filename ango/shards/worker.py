@@ -29,6 +29,7 @@ from ango.errors import (
     BatchExhausted,
     BatchExpired,
     BatchNotFound,
+    BatchNotStarted,
     InvalidInput,
     RuleViolation,
     Unavailable,
@@ -50,6 +51,7 @@ MAX_ATTEMPTS = 8          # a claim retried more often than this answers Unavail
 HEARTBEAT_S = 1.0
 STALE_S = 3.0             # an owner silent this long is dead; its leases are adopted
 DB_RETRY_S = 15.0         # how long claims wait for the database to come back
+META_REFRESH_S = 1.0      # batch rules and expiry are re-read this often (issue 14)
 #: PostgreSQL connections a shard holds for its life (see start): the control
 #: connection, the heartbeat's, and one per group commit in flight.
 CONNECTIONS = 2 + GROUPS_IN_FLIGHT
@@ -118,6 +120,7 @@ class Shard:
         self.conn: psycopg.AsyncConnection | None = None  # checks, leases, loads
         self.commit_conns: list[psycopg.AsyncConnection] = []  # idle group-commit connections
         self.hb_conn: psycopg.AsyncConnection | None = None
+        self.meta_loaded = time.monotonic()  # when batch meta was last re-read
 
     # -- start-up and recovery -------------------------------------------------
 
@@ -343,10 +346,20 @@ class Shard:
             return
         rows = await (await self.conn.execute(queries["batch_meta"], (valid,))).fetchall()
         for bid, key, client_id, rules, expired in rows:
-            rule = parse_rules(rules).per_customer
-            self.batches[str(bid)] = BatchMeta(
-                key, str(client_id), rule.limit if rule else None,
-                rule.window_seconds if rule else None, expired)
+            meta = self.batches.get(str(bid))
+            if meta is None:
+                meta = self.batches[str(bid)] = BatchMeta(key, str(client_id), None, None, expired)
+            meta.expired = expired
+            self.apply_rules(meta, rules)
+
+    def apply_rules(self, meta: BatchMeta, rules: dict | None) -> None:
+        """Take the batch's current rules; counters of a changed rule are forgotten
+        (they are reloaded from the database on need)."""
+        rule = parse_rules(rules).per_customer
+        limit, window = (rule.limit, rule.window_seconds) if rule else (None, None)
+        if (meta.limit, meta.window) != (limit, window):
+            meta.limit, meta.window = limit, window
+            self.counters.forget_batch(meta.key)
 
     async def load_customers(self) -> None:
         keys = list(self.needs_load)
@@ -372,6 +385,11 @@ class Shard:
         for a group in flight are parked.
         """
         unknown = {p.batch_id for p in group if p.batch_id not in self.batches}
+        if time.monotonic() - self.meta_loaded > META_REFRESH_S and self.batches:
+            # Rules and schedules change (`ango rules`, `ango schedule`): the
+            # database enforces the change at once; this keeps memory close.
+            unknown |= set(self.batches)
+            self.meta_loaded = time.monotonic()
         if unknown:
             await self.load_batches(unknown)
         if self.needs_load:
@@ -547,7 +565,12 @@ class Shard:
         # yet heard of an expiry is told the batch expired, as any later one is.
         rows = await (await conn.execute(queries["expired_batches"], (list(
             {p.meta.key for p in missed} | {p.meta.key for p, _ in verify}),))).fetchall()
-        expired = {row[0] for row in rows}
+        expired = {key for key, state, _ in rows if state == "expired"}
+        not_started = {key for key, state, _ in rows if state == "not_started"}
+        current = {key: rule for key, _, rule in rows}
+        # A claim refused for a stale rule is retried under the current one.
+        for meta in {id(p.meta): p.meta for p in missed}.values():
+            self.apply_rules(meta, current.get(meta.key))
         if missed:
             rows = await (await conn.execute(
                 queries["leases_still_mine"],
@@ -573,6 +596,9 @@ class Shard:
                 self.needs_load.add(key)
             elif p.meta.expired:
                 outcome[p.tag] = (None, BatchExpired(f"batch {p.batch_id} has expired"))
+            elif p.meta.key in not_started:
+                self.pool.put_back(p.meta.key, p.code, p.lease)
+                outcome[p.tag] = (None, BatchNotStarted(f"batch {p.batch_id} has not started"))
             elif p.lease not in mine:
                 self.pool.drop_lease(p.lease)
                 retry.append(p)

@@ -85,7 +85,7 @@ SELECT b.id FROM ango.codes c JOIN ango.batches b ON b.key = c.batch_key WHERE c
 -- available = total - issued.
 SELECT b.id, b.name, b.client_id, b.rules, b.expired, b.total,
        (SELECT count(*) FROM ango.issues i WHERE i.batch_key = b.key) AS issued,
-       b.created_at
+       b.created_at, b.starts_at, b.expires_at
 FROM ango.batches b
 WHERE %(client)s::uuid IS NULL OR b.client_id = %(client)s::uuid
 ORDER BY b.created_at, b.key;
@@ -105,8 +105,10 @@ UPDATE ango.batches SET expired = true, expired_at = coalesce(expired_at, clock_
 WHERE key = %(key)s;
 
 -- name: batch_meta
--- What a shard needs to know of batches it sees claims for.
-SELECT id, key, client_id, rules, expired FROM ango.batches WHERE id = ANY(%s);
+-- What a shard needs to know of batches it sees claims for (a batch past its
+-- scheduled end is expired).
+SELECT id, key, client_id, rules, expired OR coalesce(expires_at <= now(), false)
+FROM ango.batches WHERE id = ANY(%s);
 
 -- name: register_owner
 -- A shard process announces itself; its heartbeat keeps its leases.
@@ -199,8 +201,15 @@ WITH spent AS (
     DELETE FROM ango.leases
     WHERE id = ANY(string_to_array(%(spent)s, E'\n')::bigint[]) AND owner = %(me)s
 ), ok AS (
-    SELECT key FROM ango.batches
+    -- The rule and schedule come from the row as locked: a rule change or an
+    -- expiry that committed while we waited for the lock is what holds.
+    SELECT key, (rules ->> 'maxpercustomer')::integer AS lim,
+           -- timelimit days of 24 hours (see the slot upsert below)
+           (rules ->> 'timelimit')::integer * interval '24 hours' AS win
+    FROM ango.batches
     WHERE key = ANY(%(batch_keys)s) AND NOT expired
+      AND (starts_at IS NULL OR starts_at <= now())
+      AND (expires_at IS NULL OR expires_at > now())
     FOR KEY SHARE
 ), req AS (
     SELECT u.*
@@ -214,8 +223,13 @@ WITH spent AS (
                 string_to_array(%(slots)s, E'\n', '')::integer[],
                 string_to_array(%(window_slots)s, E'\n', '')::integer[])
          AS u(code, batch_key, customer_id, request_id, lease_id, slot, window_slot)
-    WHERE u.batch_key IN (SELECT key FROM ok)
-      AND EXISTS (SELECT 1 FROM ango.leases l WHERE l.id = u.lease_id AND l.owner = %(me)s)
+    JOIN ok ON ok.key = u.batch_key
+    WHERE EXISTS (SELECT 1 FROM ango.leases l WHERE l.id = u.lease_id AND l.owner = %(me)s)
+      -- The slot fits the rule as it is now (a shard's cached rule may be stale
+      -- after `ango rules`: its claim is then refused here and retried).
+      AND CASE WHEN ok.lim IS NULL THEN u.slot IS NULL AND u.window_slot IS NULL
+               WHEN ok.win IS NULL THEN u.window_slot IS NULL AND u.slot < ok.lim
+               ELSE u.slot IS NULL AND u.window_slot < ok.lim END
 ), slot AS (
     INSERT INTO ango.slots AS s (batch_key, customer_id, slot, code, issued_at)
     SELECT batch_key, customer_id, window_slot, code, now() FROM req
@@ -225,8 +239,7 @@ WITH spent AS (
         -- timelimit days of 24 hours: calendar days would follow the session's
         -- TimeZone through daylight-saving changes (counters and audit agree).
         WHERE s.issued_at < EXCLUDED.issued_at - (
-            SELECT (b.rules ->> 'timelimit')::integer * interval '24 hours'
-            FROM ango.batches b WHERE b.key = EXCLUDED.batch_key)
+            SELECT win FROM ok WHERE ok.key = EXCLUDED.batch_key)
     RETURNING code
 ), ins AS (
     INSERT INTO ango.issues (code, batch_key, customer_id, request_id, issued_at, slot)
@@ -251,8 +264,15 @@ WITH spent AS (
     DELETE FROM ango.leases
     WHERE id = ANY(string_to_array(%(spent)s, E'\n')::bigint[]) AND owner = %(me)s
 ), ok AS (
-    SELECT key FROM ango.batches
+    -- The rule and schedule come from the row as locked: a rule change or an
+    -- expiry that committed while we waited for the lock is what holds.
+    SELECT key, (rules ->> 'maxpercustomer')::integer AS lim,
+           -- timelimit days of 24 hours (see the slot upsert below)
+           (rules ->> 'timelimit')::integer * interval '24 hours' AS win
+    FROM ango.batches
     WHERE key = ANY(%(batch_keys)s) AND NOT expired
+      AND (starts_at IS NULL OR starts_at <= now())
+      AND (expires_at IS NULL OR expires_at > now())
     FOR KEY SHARE
 ), req AS (
     SELECT u.*
@@ -266,8 +286,13 @@ WITH spent AS (
                 string_to_array(%(slots)s, E'\n', '')::integer[],
                 string_to_array(%(window_slots)s, E'\n', '')::integer[])
          AS u(code, batch_key, customer_id, request_id, lease_id, slot, window_slot)
-    WHERE u.batch_key IN (SELECT key FROM ok)
-      AND EXISTS (SELECT 1 FROM ango.leases l WHERE l.id = u.lease_id AND l.owner = %(me)s)
+    JOIN ok ON ok.key = u.batch_key
+    WHERE EXISTS (SELECT 1 FROM ango.leases l WHERE l.id = u.lease_id AND l.owner = %(me)s)
+      -- The slot fits the rule as it is now (a shard's cached rule may be stale
+      -- after `ango rules`: its claim is then refused here and retried).
+      AND CASE WHEN ok.lim IS NULL THEN u.slot IS NULL AND u.window_slot IS NULL
+               WHEN ok.win IS NULL THEN u.window_slot IS NULL AND u.slot < ok.lim
+               ELSE u.slot IS NULL AND u.window_slot < ok.lim END
       -- A windowed slot is taken before the issue: skip what would conflict.
       AND (u.window_slot IS NULL
            OR (NOT EXISTS (SELECT 1 FROM ango.issues i WHERE i.code = u.code)
@@ -283,8 +308,7 @@ WITH spent AS (
         -- timelimit days of 24 hours: calendar days would follow the session's
         -- TimeZone through daylight-saving changes (counters and audit agree).
         WHERE s.issued_at < EXCLUDED.issued_at - (
-            SELECT (b.rules ->> 'timelimit')::integer * interval '24 hours'
-            FROM ango.batches b WHERE b.key = EXCLUDED.batch_key)
+            SELECT win FROM ok WHERE ok.key = EXCLUDED.batch_key)
     RETURNING code
 ), ins AS (
     INSERT INTO ango.issues (code, batch_key, customer_id, request_id, issued_at, slot)
@@ -312,8 +336,14 @@ WHERE s.batch_key = u.batch_key AND s.customer_id = u.customer_id
 SELECT code FROM ango.issues WHERE code = ANY(%s);
 
 -- name: expired_batches
--- Which of these batches are expired.
-SELECT key FROM ango.batches WHERE key = ANY(%s) AND expired;
+-- Which of these batches are expired or past their end ('expired'), or not
+-- started yet ('not_started'); and the rules of each (a claim refused for a
+-- stale rule is retried under the current one).
+SELECT key,
+       CASE WHEN expired OR expires_at <= now() THEN 'expired'
+            WHEN starts_at > now() THEN 'not_started' END,
+       rules
+FROM ango.batches WHERE key = ANY(%s);
 
 -- name: issued_by_request
 -- Earlier outcomes of retried requests (I6).
@@ -351,6 +381,7 @@ WHERE c.code IS NULL LIMIT 10;
 -- any shard adopts it at once); codes of expired batches do not count.
 SELECT c.code, b.id FROM ango.codes c
 JOIN ango.batches b ON b.key = c.batch_key AND NOT b.expired
+                   AND (b.expires_at IS NULL OR b.expires_at > now())
 JOIN ango.lease_cursors lc ON lc.batch_key = c.batch_key AND c.seq <= lc.leased_upto
 WHERE NOT EXISTS (SELECT 1 FROM ango.issues i WHERE i.code = c.code)
   AND NOT EXISTS (
@@ -368,11 +399,15 @@ SELECT id, customer_id, issued_at FROM (
            lead(i.issued_at, (b.rules ->> 'maxpercustomer')::integer)
                OVER (PARTITION BY i.batch_key, i.customer_id ORDER BY i.issued_at) AS nth,
            -- 24-hour days, as the claim statements count them.
-           (b.rules ->> 'timelimit')::integer * interval '24 hours' AS win
+           (b.rules ->> 'timelimit')::integer * interval '24 hours' AS win,
+           b.rules_changed_at
     FROM ango.issues i
     JOIN ango.batches b ON b.key = i.batch_key AND b.rules ? 'maxpercustomer'
 ) x
+-- The issue that made one too many is judged by the rules in force when it was
+-- made: those after the last rule change (`ango rules`), all of them otherwise.
 WHERE nth IS NOT NULL AND (win IS NULL OR nth - issued_at <= win)
+  AND (rules_changed_at IS NULL OR nth > rules_changed_at)
 LIMIT 10;
 
 -- name: audit_slots
@@ -383,9 +418,165 @@ WHERE i.code IS NULL LIMIT 10;
 
 -- name: audit_expired
 -- I5: nothing of an expired batch was issued after its expiry committed.
+-- With a schedule: nothing issued before its start or at or after its end.
 SELECT b.id, count(*) FROM ango.issues i JOIN ango.batches b ON b.key = i.batch_key
-WHERE b.expired AND i.issued_at > b.expired_at
+WHERE (b.expired AND i.issued_at > b.expired_at)
+   OR i.issued_at < b.starts_at OR i.issued_at >= b.expires_at
 GROUP BY b.id LIMIT 10;
+
+-- name: lookup_code
+-- Who has a code: its batch and, if issued, to whom, when and for which
+-- request. Issues are read even without the code row (a purged batch's codes
+-- leave nothing behind; a deleted batch keeps its issued codes).
+SELECT b.id, b.name, b.client_id, b.expired OR coalesce(b.expires_at <= now(), false),
+       i.customer_id, i.issued_at, i.request_id
+FROM (SELECT %(code)s::text COLLATE "C" AS code) q
+LEFT JOIN ango.codes c ON c.code = %(code)s
+LEFT JOIN ango.issues i ON i.code = %(code)s
+LEFT JOIN ango.batches b ON b.key = coalesce(c.batch_key, i.batch_key);
+
+-- name: customer_codes
+-- A customer's codes, newest first, optionally of one batch (index
+-- issues_customer finds them; a customer's few codes are then sorted).
+SELECT i.code, b.id, b.name, i.issued_at, i.request_id
+FROM ango.issues i JOIN ango.batches b ON b.key = i.batch_key
+WHERE i.customer_id = %(customer)s
+  AND (%(batch)s::uuid IS NULL OR b.id = %(batch)s::uuid)
+ORDER BY i.issued_at DESC, i.code
+LIMIT %(limit)s;
+
+-- name: export_batch
+-- The batch an export reads, and how many rows each kind of export will have
+-- (for the progress display).
+SELECT b.key, b.total, (SELECT count(*) FROM ango.issues i WHERE i.batch_key = b.key)
+FROM ango.batches b WHERE b.id = %s;
+
+-- name: export_issued_csv
+-- A batch's issued codes as CSV with a header, oldest issue first.
+COPY (SELECT * FROM ango.issued_codes(%s)) TO STDOUT WITH (FORMAT csv, HEADER);
+
+-- name: export_available_csv
+-- A batch's unissued codes as CSV with a header, in import order.
+COPY (SELECT * FROM ango.available_codes(%s)) TO STDOUT WITH (FORMAT csv, HEADER);
+
+-- name: export_issued_jsonl
+-- The same rows as JSON objects, one a line. CSV with a delimiter and a quote
+-- that JSON text never holds (it escapes control characters) writes each
+-- object verbatim, where the text format would double its backslashes.
+COPY (SELECT row_to_json(e) FROM (SELECT * FROM ango.issued_codes(%s)) e)
+TO STDOUT WITH (FORMAT csv, DELIMITER E'\x02', QUOTE E'\x01');
+
+-- name: export_available_jsonl
+-- As export_issued_jsonl, for the unissued codes.
+COPY (SELECT row_to_json(e) FROM (SELECT * FROM ango.available_codes(%s)) e)
+TO STDOUT WITH (FORMAT csv, DELIMITER E'\x02', QUOTE E'\x01');
+
+-- name: batch_for_top_up
+-- The batch a top-up adds to, and its client (checked against the file).
+SELECT key, client_id FROM ango.batches WHERE id = %s;
+
+-- name: lock_batch_for_top_up
+-- FOR NO KEY UPDATE: group commits (FOR KEY SHARE) go on meanwhile; another
+-- top-up, an expiry, a rule or schedule change (FOR UPDATE) waits. New codes
+-- are numbered after `total`.
+SELECT key, client_id, total, expired OR coalesce(expires_at <= clock_timestamp(), false)
+FROM ango.batches WHERE id = %s FOR NO KEY UPDATE;
+
+-- name: grow_batch
+-- A top-up's codes join the batch and its lease cursor: leasing resumes.
+WITH cursor AS (
+    UPDATE ango.lease_cursors SET total = total + %(added)s WHERE batch_key = %(key)s
+)
+UPDATE ango.batches SET total = total + %(added)s WHERE key = %(key)s;
+
+-- name: lock_batch_for_change
+-- A rule or schedule change: FOR UPDATE waits for the group commits holding the
+-- batch FOR KEY SHARE and holds new ones until the change commits, so every
+-- claim committed afterwards is judged by the new values.
+SELECT key, expired, starts_at, expires_at FROM ango.batches WHERE id = %s FOR UPDATE;
+
+-- name: db_clock
+-- The database's clock, now (not the transaction's start): schedules are
+-- judged by the database's time, never a client's.
+SELECT clock_timestamp();
+
+-- name: set_batch_schedule
+-- A batch's start and end (NULL: none).
+UPDATE ango.batches SET starts_at = %(starts_at)s, expires_at = %(expires_at)s
+WHERE key = %(key)s;
+
+-- name: set_batch_rules
+-- New rules, and when they took over (the audit judges later issues by them).
+UPDATE ango.batches SET rules = %(rules)s, rules_changed_at = clock_timestamp()
+WHERE key = %(key)s;
+
+-- name: clear_rule_slots
+-- Before the rule slots of a batch are rebuilt for its new rules.
+WITH cleared AS (DELETE FROM ango.slots WHERE batch_key = %(key)s)
+UPDATE ango.issues SET slot = NULL WHERE batch_key = %(key)s AND slot IS NOT NULL;
+
+-- name: number_fixed_slots
+-- A rule without a window: each customer's issues take slots 0, 1, 2... in
+-- issue order, so one with as many issues as the limit (or more) has every
+-- slot below it taken and gets no more.
+UPDATE ango.issues i SET slot = n.slot
+FROM (SELECT code, (row_number() OVER (PARTITION BY customer_id
+                                       ORDER BY issued_at, code) - 1)::integer AS slot
+      FROM ango.issues WHERE batch_key = %(key)s) n
+WHERE i.code = n.code;
+
+-- name: fill_window_slots
+-- A rule with a window: each customer's slots hold their `limit` latest
+-- issues, so a slot frees only once fewer than `limit` issues are in the window.
+INSERT INTO ango.slots (batch_key, customer_id, slot, code, issued_at)
+SELECT batch_key, customer_id, (n - 1)::integer, code, issued_at
+FROM (SELECT batch_key, customer_id, code, issued_at,
+             row_number() OVER (PARTITION BY customer_id ORDER BY issued_at DESC, code) AS n
+      FROM ango.issues WHERE batch_key = %(key)s) r
+WHERE n <= %(limit)s;
+
+-- name: lock_batch_for_delete
+-- FOR UPDATE: claims of the batch in flight commit (or fail) first. Whether it
+-- is over: expired, or past its scheduled end.
+SELECT key, expired OR coalesce(expires_at <= clock_timestamp(), false)
+FROM ango.batches WHERE id = %s FOR UPDATE;
+
+-- name: delete_unissued
+-- `ango delete`: the codes never issued, the leases and the lease cursor go;
+-- the issued codes stay with their issues (who got what, for support and
+-- finance). The batch is marked expired (at its scheduled end if it had one)
+-- and its total shrinks to what was issued.
+WITH gone_leases AS (
+    DELETE FROM ango.leases WHERE batch_key = %(key)s
+), gone_cursor AS (
+    DELETE FROM ango.lease_cursors WHERE batch_key = %(key)s
+), gone_codes AS (
+    DELETE FROM ango.codes c
+    WHERE c.batch_key = %(key)s
+      AND NOT EXISTS (SELECT 1 FROM ango.issues i WHERE i.code = c.code)
+    RETURNING 1
+)
+UPDATE ango.batches
+SET expired = true, expired_at = coalesce(expired_at, expires_at, clock_timestamp()),
+    total = total - (SELECT count(*) FROM gone_codes)
+WHERE key = %(key)s
+RETURNING (SELECT count(*) FROM gone_codes);
+
+-- name: purge_batch
+-- `ango delete --purge`: every trace of the batch, issued codes included.
+WITH gone_leases AS (
+    DELETE FROM ango.leases WHERE batch_key = %(key)s
+), gone_cursor AS (
+    DELETE FROM ango.lease_cursors WHERE batch_key = %(key)s
+), gone_slots AS (
+    DELETE FROM ango.slots WHERE batch_key = %(key)s
+), gone_issues AS (
+    DELETE FROM ango.issues WHERE batch_key = %(key)s RETURNING 1
+), gone_codes AS (
+    DELETE FROM ango.codes WHERE batch_key = %(key)s RETURNING 1
+)
+DELETE FROM ango.batches WHERE key = %(key)s
+RETURNING (SELECT count(*) FROM gone_codes), (SELECT count(*) FROM gone_issues);
 
 -- name: ping
 -- Readiness and outage detection: does the database answer at all.
