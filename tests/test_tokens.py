@@ -168,3 +168,33 @@ def test_the_python_client_with_a_client_token_sees_only_its_client(dsn, op):
             with pytest.raises(ango.BatchNotFound):
                 client.expire(theirs)
             assert client.expire(mine) is True
+
+
+def test_a_client_token_can_neither_look_up_nor_change_any_batch(dsn):
+    from ango.protocol import CustomerCodes, DeleteBatch, Lookup, SetRules, SetSchedule
+
+    mine, theirs = batch_of(dsn, ALICE), batch_of(dsn, BOB)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE ango.batches SET expired = true WHERE id = %s", (theirs,))
+        before = conn.execute("SELECT id, rules, expired, starts_at, expires_at, total "
+                              "FROM ango.batches ORDER BY id").fetchall()
+    secret = token_for(dsn, ALICE)
+    with InProcessServer(lambda: ango.Allocator(dsn, shards=1)) as srv, \
+            connect(srv.port, timeout=60) as sock:
+        assert type(hello(sock, secret)) is Welcome
+        code = ask(sock, Claim(1, mine, "ann", None, "r1"))
+        assert type(code) is Code
+        for i, batch in enumerate([mine, theirs, NOWHERE], start=10):
+            for j, request in enumerate([SetRules(0, batch, {"maxpercustomer": 1}),
+                                         SetSchedule(0, batch, expires_at=None),
+                                         DeleteBatch(0, batch, True)]):
+                request.id = 10 * i + j
+                assert ask(sock, request) == Error(
+                    request.id, "batch_not_found", f"no batch with id {batch}", False)
+        for request in (Lookup(30, code.code), CustomerCodes(31, "ann")):
+            answer = ask(sock, request)
+            assert type(answer) is Error and answer.code == "unauthorized"
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT id, rules, expired, starts_at, expires_at, total "
+                            "FROM ango.batches ORDER BY id").fetchall() == before
+        assert conn.execute("SELECT count(*) FROM ango.codes").fetchone()[0] == 40
