@@ -228,20 +228,25 @@ class ShardHandle:
         every = self.deadlines.ping_every
         while not self.closing:
             await asyncio.sleep(every)
-            now = time.monotonic()
-            self._expire_claims(now)
-            if not self.alive:
-                continue  # starting or restarting: start() has its own deadline
-            silent = now - self.last_pong
-            if silent > self.deadlines.ping_deadline:
-                self.hangs += 1
-                log.warning("shard %s (pid %s) has not answered a ping for %.1f s; "
-                            "killing it to restart it", self.index, self.process.pid, silent)
-                self.alive = False  # nothing more goes to it; _watch restarts it
-                self.kill()
-                continue
-            self.pings += 1
-            self.link.send(m.Ping(self.pings), self.encoder)
+            try:
+                self._ask_once(time.monotonic())
+            except Exception:  # this task is the claims' deadline: it must not die
+                log.exception("shard %s: ping and deadline check failed", self.index)
+
+    def _ask_once(self, now: float) -> None:
+        self._expire_claims(now)
+        if not self.alive:
+            return  # starting or restarting: start() has its own deadline
+        silent = now - self.last_pong
+        if silent > self.deadlines.ping_deadline:
+            self.hangs += 1
+            log.warning("shard %s (pid %s) has not answered a ping for %.1f s; "
+                        "killing it to restart it", self.index, self.process.pid, silent)
+            self.alive = False  # nothing more goes to it; _watch restarts it
+            self.kill()
+            return
+        self.pings += 1
+        self.link.send(m.Ping(self.pings), self.encoder)
 
     def _expire_claims(self, now: float) -> None:
         """Answer ``Unavailable`` to the claims past their deadline (oldest first)."""
