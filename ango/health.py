@@ -15,6 +15,7 @@ import time
 
 import psycopg
 
+from ango.background import stop_task
 from ango.sql import queries
 
 log = logging.getLogger("ango.health")
@@ -59,10 +60,8 @@ class DatabaseWatch:
 
     async def close(self) -> None:
         """Stop watching and close the connection."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         await self._drop()
 
     async def _loop(self) -> None:

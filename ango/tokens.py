@@ -16,7 +16,6 @@ for every protocol.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -29,6 +28,7 @@ from typing import Any
 
 import psycopg
 
+from ango.background import stop_task
 from ango.config import data_dir, read_secret
 from ango.errors import BatchNotFound, InvalidInput
 from ango.importer import parse_uuid
@@ -219,11 +219,8 @@ class Authenticator:
 
     async def close(self) -> None:
         """Stop reloading."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         if self._conn is not None:
             await self._conn.close()
             self._conn = None

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import msgspec
 import psycopg
 
+from ango.background import stop_task
 from ango.errors import (
     AngoError,
     BatchExhausted,
@@ -699,8 +700,7 @@ async def main_async(args: argparse.Namespace) -> None:
     try:
         await shard.run()
     finally:
-        beat.cancel()
-        await asyncio.gather(beat, return_exceptions=True)
+        await stop_task(beat)
         shard.flush()
         await shard.close()
 
