@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import IO
 
 from ango import database
 from ango.batches import list_batches
@@ -32,6 +33,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _wait_for_server(server: subprocess.Popen, port: int, log: IO[bytes],
+                     seconds: float = 60.0) -> None:
+    """Until the server accepts connections; Unavailable with its output if it exits first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+            return
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                said = log.read().decode(errors="replace").strip()[-2000:]
+                raise Unavailable(f"the demo server did not start: {said}") from None
+            time.sleep(0.2)
+
+
 def run_demo(dsn: str | None = None, data_dir: str | None = None, *, shards: int | None = None,
              codes: int = 1000, echo: Callable[[str], None] = print) -> dict:
     """Run the demo; return what was claimed. Raises AngoError if a step fails."""
@@ -44,26 +61,18 @@ def run_demo(dsn: str | None = None, data_dir: str | None = None, *, shards: int
     echo(f"imported {batch.imported} codes as batch {batch_id} (rule: 2 per customer)")
     port = _free_port()
     token = secrets.token_urlsafe(24)
+    # The demo speaks the binary protocol only: no HTTP port to collide with.
     command = [sys.executable, "-m", "ango", "serve", "--dsn", found, "--port", str(port),
-               "--token", token]
+               "--no-http"]
     if shards:
         command += ["--shards", str(shards)]
     log = tempfile.TemporaryFile()
-    server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                              env=dict(os.environ, ANGO_TOKEN=token))
     claimed: dict[str, list[str]] = {}
     try:
+        _wait_for_server(server, port, log)
         with Client(port=port, token=token, timeout=30.0) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    client.stats()
-                    break
-                except (Unavailable, OSError):
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        log.seek(0)
-                        said = log.read().decode(errors="replace").strip()[-2000:]
-                        raise Unavailable(f"the demo server did not start: {said}") from None
-                    time.sleep(0.2)
             echo(f"serving on 127.0.0.1:{port}")
             for customer in ("alice", "alice", "alice", "bob"):
                 try:
