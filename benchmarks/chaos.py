@@ -193,8 +193,9 @@ class Server:
         log.flush()
         self.proc = subprocess.Popen(
             [*ANGO, "serve", "--dsn", self.dsn, "--port", str(self.port), "--shards", str(SHARDS),
-             "--token", self.token, "--data-dir", str(self.workdir)],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+             "--no-http", "--data-dir", str(self.workdir)],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            env=dict(os.environ, ANGO_TOKEN=self.token))
         log.close()
         deadline = time.monotonic() + timeout
         marker = f"serving on 127.0.0.1:{self.port}"
