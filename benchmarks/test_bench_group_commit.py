@@ -73,7 +73,7 @@ def test_bench_group_commit(benchmark, bench_db, ruled, size):
                                                      "split": 2, "me": shard.owner}).fetchall()
         assert len(rows) == size
         lease = rows[0][0]
-        shard.pool.add_lease(lease, key, [code for _, code in rows])
+        shard.pool.add_lease(lease, key, [row[1] for row in rows])
         now = time.monotonic()
         group = []
         for _ in range(size):

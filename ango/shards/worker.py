@@ -467,7 +467,12 @@ class Shard:
                   "me": self.owner}
         rows = await (await self.conn.execute(queries["lease_block"], params)).fetchall()
         if rows:
-            self.pool.add_lease(rows[0][0], batch_key, [code for _, code in rows])
+            lease_id, size = rows[0][0], rows[0][2]
+            codes = [code for _, code, _ in rows if code is not None]
+            if len(codes) == size:
+                self.pool.add_lease(lease_id, batch_key, codes)
+            else:  # a top-up committed while we waited: read its codes now (see the query)
+                await self.load_leases(self.conn, [lease_id])
             return
         for _ in range(16):
             stolen = await (await self.conn.execute(queries["steal_lease"], params)).fetchall()

@@ -142,7 +142,11 @@ DELETE FROM ango.owners WHERE id = %s;
 
 -- name: lease_block
 -- Advance a batch's cursor by up to n codes (fewer near the end, so the last
--- codes spread over the shards) and record the block as our lease.
+-- codes spread over the shards) and record the block as our lease. One row per
+-- code with the block's size; the codes may be fewer than the size (a row with
+-- a null code when none): a statement that waited for the cursor's row lock
+-- while a top-up committed sees the new cursor but not the new codes (its
+-- snapshot predates them), so the caller then reads the block again.
 WITH cur AS (
     SELECT batch_key, leased_upto, total FROM ango.lease_cursors
     WHERE batch_key = %(key)s FOR UPDATE
@@ -160,8 +164,9 @@ WITH cur AS (
     SELECT %(me)s, %(key)s, lo, hi FROM adv
     RETURNING id, lo, hi
 )
-SELECT lease.id, c.code
-FROM lease JOIN ango.codes c ON c.batch_key = %(key)s AND c.seq > lease.lo AND c.seq <= lease.hi;
+SELECT lease.id, c.code, lease.hi - lease.lo
+FROM lease LEFT JOIN ango.codes c
+  ON c.batch_key = %(key)s AND c.seq > lease.lo AND c.seq <= lease.hi;
 
 -- name: steal_lease
 -- The cursor is exhausted: take another owner's lease of the batch (I7).
