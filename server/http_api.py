@@ -20,6 +20,7 @@ import functools
 import logging
 import re
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from ango.errors import (
     BatchExhausted,
     BatchExpired,
     BatchNotFound,
+    BatchNotStarted,
     ImportFailed,
     InvalidInput,
     RuleViolation,
@@ -119,7 +121,9 @@ class HttpError(Exception):
 STATUS_OF: dict[type[AngoError], int] = {
     InvalidInput: 400, ImportFailed: 400, UploadError: 400, AuthenticationFailed: 401,
     RuleViolation: 403, BatchNotFound: 404, BatchExhausted: 404, BatchExpired: 410,
-    TooLarge: 413, Unavailable: 503,
+    # A claim before the batch's start: 409 (the batch's state, not the customer's
+    # rule, 403, and not gone, 410); the same claim succeeds once the batch starts.
+    BatchNotStarted: 409, TooLarge: 413, Unavailable: 503,
 }
 _RETRY_AFTER = [(b"retry-after", b"1")]
 
@@ -157,7 +161,22 @@ class RedeemBody(msgspec.Struct):
     requestid: str | None = None
 
 
+class RulesBody(msgspec.Struct, forbid_unknown_fields=True):
+    """``PUT /api/v1/batches/{id}/rules``: the new rules, or null for none."""
+
+    rules: dict[str, Any] | None
+
+
+class ScheduleBody(msgspec.Struct, forbid_unknown_fields=True):
+    """``PUT /api/v1/batches/{id}/schedule``: a field left out keeps its value, null clears it."""
+
+    starts_at: str | None | msgspec.UnsetType = msgspec.UNSET
+    expires_at: str | None | msgspec.UnsetType = msgspec.UNSET
+
+
 _redeem_decoder = msgspec.json.Decoder(RedeemBody)
+_rules_decoder = msgspec.json.Decoder(RulesBody)
+_schedule_decoder = msgspec.json.Decoder(ScheduleBody)
 _encode = msgspec.json.encode
 
 
@@ -178,6 +197,13 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/v1/batches/{id}", "get_batch"),
     Route("POST", "/api/v1/batches/{id}/expire", "expire_batch"),
     Route("POST", "/api/v1/codes/upload", "upload"),
+    # The life of a batch and of a code (issue 14): the admin token's, as over the
+    # binary protocol (export also a client token's, for its own batches).
+    Route("GET", "/api/v1/codes/{code}", "lookup"),
+    Route("GET", "/api/v1/customers/{customer_id}/codes", "customer_codes"),
+    Route("PUT", "/api/v1/batches/{id}/rules", "set_rules"),
+    Route("PUT", "/api/v1/batches/{id}/schedule", "set_schedule"),
+    Route("DELETE", "/api/v1/batches/{id}", "delete_batch"),
     Route("GET", "/api/v1/stats", "stats"),
     Route("GET", "/healthcheck", "healthcheck", open=True),
     Route("GET", "/readyz", "readyz", open=True),
@@ -229,13 +255,28 @@ class Request:
                 self.body_done = True
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def query_flag(self, name: str) -> bool:
-        """True when the query string holds ``name=true`` (or 1, yes)."""
-        for pair in self.scope.get("query_string", b"").decode("latin-1").split("&"):
-            key, _, value = pair.partition("=")
+    def query(self, name: str) -> str | None:
+        """The (percent-decoded) value of ``name`` in the query string, if given."""
+        query = self.scope.get("query_string", b"")
+        if not query:
+            return None
+        # Bytes that are not UTF-8 become lone surrogates, which the library's
+        # text check refuses naming the position.
+        for key, value in urllib.parse.parse_qsl(query.decode("latin-1"), keep_blank_values=True,
+                                                 encoding="utf-8", errors="surrogateescape"):
             if key == name:
-                return value.lower() in ("", "1", "true", "yes")
-        return False
+                return value
+        return None
+
+    def query_flag(self, name: str) -> bool:
+        """True for ``name=true`` (or 1, yes, or the bare name), False for false (0, no)
+        or its absence; anything else is a 400 (a typo must not turn a flag off)."""
+        value = self.query(name)
+        if value is None or value.lower() in ("false", "0", "no"):
+            return False
+        if value.lower() in ("", "1", "true", "yes"):
+            return True
+        raise InvalidInput(f"query parameter {name} must be true or false, got {value[:40]!r}")
 
 
 class HttpApi:
@@ -286,7 +327,8 @@ class HttpApi:
         request: Request | None = None
         try:
             request = Request(scope, receive)
-            route, request.params = self._match(scope["path"], scope["method"])
+            route, request.params = self._match(scope["path"], scope["method"],
+                                                      scope.get("raw_path"))
             access = self.authorize(route, request.headers)
             if access is None:
                 await self._refuse(request)
@@ -317,14 +359,19 @@ class HttpApi:
         await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": body})
 
-    def _match(self, path: str, method: str) -> tuple[Route, dict[str, str]]:
+    def _match(self, path: str, method: str,
+               raw_path: bytes | None = None) -> tuple[Route, dict[str, str]]:
         methods = self._exact.get(path)
         params: dict[str, str] = {}
         if methods is None:
+            # Matched on the raw path: a code or customer id may hold an encoded "/".
+            raw = path if raw_path is None else raw_path.decode("latin-1")
             for pattern, candidates in self._templated:
-                found = pattern.match(path)
+                found = pattern.match(raw)
                 if found:
-                    methods, params = candidates, found.groupdict()
+                    methods = candidates
+                    params = {name: urllib.parse.unquote(value, errors="surrogateescape")
+                              for name, value in found.groupdict().items()}
                     break
             else:
                 raise HttpError(404, "not_found", f"no route {path}")
@@ -372,18 +419,22 @@ class HttpApi:
 
     # --- routes ---------------------------------------------------------------------
 
-    async def _redeem(self, request: Request) -> tuple[int, bytes, list]:
+    async def _json_body(self, request: Request, decoder: msgspec.json.Decoder) -> Any:
+        """The request's JSON body decoded; 415, 413 or 400 saying what is wrong."""
         content_type = request.headers.get(b"content-type")
         if content_type is not None and not _is_json(content_type):
             raise HttpError(415, "unsupported_media_type",
                             "the body must be JSON (Content-Type: application/json)")
         body = await request.body(self.limits.max_json_body)
         try:
-            msg = _redeem_decoder.decode(body)
+            return decoder.decode(body)
         except msgspec.ValidationError as exc:
             raise HttpError(400, InvalidInput.code, f"invalid field: {exc}") from None
         except msgspec.DecodeError as exc:
             raise HttpError(400, "malformed_json", f"cannot parse json: {exc}") from None
+
+    async def _redeem(self, request: Request) -> tuple[int, bytes, list]:
+        msg = await self._json_body(request, _redeem_decoder)
         request_id = msg.requestid
         key = request.headers.get(b"idempotency-key")
         if key is not None:
@@ -431,6 +482,61 @@ class HttpApi:
         changed = await self._need_allocator().expire(batch_id,
                                                       client_id=request.access.client_id)
         return 200, _encode({"id": batch_id, "expired": True, "changed": changed}), []
+
+    # --- the life of a batch and of a code (issue 14) --------------------------------
+
+    @staticmethod
+    def _batch_to_change(request: Request) -> str:
+        """The batch id of a change; a client token gets what a missing batch gets.
+
+        Changes are the operator's (the admin token's), as over the binary
+        protocol; a client token learns nothing of which batches exist.
+        """
+        bid = str(_batch_id(request.params["id"]))
+        if not request.access.admin:
+            raise BatchNotFound(f"no batch with id {bid}")
+        return bid
+
+    @staticmethod
+    def _need_admin(request: Request) -> None:
+        if not request.access.admin:
+            # Look-ups span every client's batches: 403, the binary protocol's code.
+            raise HttpError(403, AuthenticationFailed.code, "look-ups need the admin token")
+
+    async def _lookup(self, request: Request) -> tuple[int, bytes, list]:
+        self._need_admin(request)
+        return 200, _encode(await self._need_allocator().lookup(request.params["code"])), []
+
+    async def _customer_codes(self, request: Request) -> tuple[int, bytes, list]:
+        self._need_admin(request)
+        limit = request.query("limit")
+        if limit is not None and not (limit.isascii() and limit.isdigit()):
+            raise InvalidInput(f"limit must be a whole number, got {limit[:40]!r}")
+        rows = await self._need_allocator().customer_codes(
+            request.params["customer_id"], request.query("batch_id") or None,
+            1000 if limit is None else int(limit))
+        return 200, _encode(rows), []
+
+    async def _set_rules(self, request: Request) -> tuple[int, bytes, list]:
+        batch_id = self._batch_to_change(request)
+        body: RulesBody = await self._json_body(request, _rules_decoder)
+        rules = await self._need_allocator().set_rules(batch_id, body.rules)
+        return 200, _encode({"batch_id": batch_id, "rules": rules}), []
+
+    async def _set_schedule(self, request: Request) -> tuple[int, bytes, list]:
+        batch_id = self._batch_to_change(request)
+        body: ScheduleBody = await self._json_body(request, _schedule_decoder)
+        keep_start = body.starts_at is msgspec.UNSET
+        keep_end = body.expires_at is msgspec.UNSET
+        schedule = await self._need_allocator().set_schedule(
+            batch_id, None if keep_start else body.starts_at,
+            None if keep_end else body.expires_at, keep_start=keep_start, keep_end=keep_end)
+        return 200, _encode(schedule), []
+
+    async def _delete_batch(self, request: Request) -> tuple[int, bytes, list]:
+        batch_id = self._batch_to_change(request)
+        result = await self._need_allocator().delete(batch_id, request.query_flag("purge"))
+        return 200, _encode(result), []
 
     async def _stats(self, request: Request) -> tuple[int, bytes, list]:
         if not request.access.admin:  # counters would tell one client of the others' traffic

@@ -665,21 +665,30 @@ def test_a_response_written_in_pieces_leaves_in_one_write_per_loop_pass():
 OTHER_CLIENT = "0ddba110-0000-4000-8000-000000000002"
 
 
-def test_a_client_token_reaches_only_its_own_clients_batches_over_http(http, served_dsn):
+def client_token(http: httpx.Client, dsn: str, client: str = CLIENT_ID) -> tuple[str, dict]:
+    """A new client token (``ango token create``) the server accepts: its name and headers."""
     from ango.database import connect
-    from ango.tokens import create_token, revoke_token
-    from tests.helpers import make_batch
+    from ango.tokens import create_token
 
-    mine = new_batch(served_dsn, 5)  # CLIENT_ID's
-    theirs = make_batch(served_dsn, 5, client=OTHER_CLIENT)
     name = f"shop-{uuid.uuid4().hex[:6]}"
-    with connect(served_dsn, autocommit=True) as conn:
-        secret, _ = create_token(conn, CLIENT_ID, name)
+    with connect(dsn, autocommit=True) as conn:
+        secret, _ = create_token(conn, client, name)
     scoped = {"Authorization": f"Bearer {secret}"}
     deadline = time.monotonic() + 10  # the server reloads client tokens every second
     while http.get("/api/v1/batches", headers=scoped).status_code == 401:
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    return name, scoped
+
+
+def test_a_client_token_reaches_only_its_own_clients_batches_over_http(http, served_dsn):
+    from ango.database import connect
+    from ango.tokens import revoke_token
+    from tests.helpers import make_batch
+
+    mine = new_batch(served_dsn, 5)  # CLIENT_ID's
+    theirs = make_batch(served_dsn, 5, client=OTHER_CLIENT)
+    name, scoped = client_token(http, served_dsn)
 
     def claim(batch: str, client: str | None) -> httpx.Response:
         body = {"batchid": batch, "customerid": "c-1", **({"clientid": client} if client else {})}

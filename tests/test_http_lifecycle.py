@@ -1,0 +1,252 @@
+"""Issue 14's operations over the HTTP API: look-ups, customer codes, rules,
+schedules, deletion, export and top-up, against an `ango serve` subprocess with
+httpx (the server and helpers of tests/test_http_api.py)."""
+# ruff: noqa: F811 - the fixtures imported from test_http_api are test parameters here
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import httpx
+
+from ango.importer import import_codes
+from tests.hostile import module_dsn  # noqa: F401 (a fixture)
+from tests.servers import CLIENT_ID, new_batch
+from tests.test_http_api import (  # noqa: F401 (fixtures)
+    AUTH,
+    JSON_TYPE,
+    OTHER_CLIENT,
+    client_token,
+    error_of,
+    http,
+    redeem,
+    serve,
+    served_dsn,
+)
+
+
+def batch_of(http: httpx.Client, batch: str) -> dict:
+    """The batch as the admin sees it (rules, schedule, expiry, counts)."""
+    response = http.get(f"/api/v1/batches/{batch}", headers=AUTH)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def put(http: httpx.Client, path: str, body, headers: dict | None = None) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body)
+    return http.put(path, content=content, headers={**JSON_TYPE, **(headers or AUTH)})
+
+
+def expire(http: httpx.Client, batch: str) -> None:
+    assert http.post(f"/api/v1/batches/{batch}/expire", headers=AUTH).status_code == 200
+
+
+def in_an_hour() -> str:
+    return (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+
+
+def scheduled_batch(dsn: str, count: int, starts_at: str | None = None) -> str:
+    prefix = uuid.uuid4().hex[:8]
+    body = "code\n" + "".join(f"{prefix}-{i:06d}\n" for i in range(count))
+    return str(import_codes(dsn, io.BytesIO(body.encode()), CLIENT_ID, f"s {prefix}",
+                            starts_at=starts_at).batch_id)
+
+
+# --- rules ----------------------------------------------------------------------------
+
+
+def test_put_rules_replaces_them_and_the_next_claim_is_judged_by_them(http, served_dsn):
+    batch = new_batch(served_dsn, 5)
+    assert redeem(http, batch, "ann").status_code == 200
+    response = put(http, f"/api/v1/batches/{batch}/rules", {"rules": {"maxpercustomer": 1}})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"batch_id": batch, "rules": {"maxpercustomer": 1}}
+    refused = redeem(http, batch, "ann")
+    assert (refused.status_code, error_of(refused)) == (403, "rule_violation")
+    assert redeem(http, batch, "bea").status_code == 200
+    cleared = put(http, f"/api/v1/batches/{batch}/rules", {"rules": None})
+    assert cleared.json() == {"batch_id": batch, "rules": None}
+    assert batch_of(http, batch)["rules"] is None
+
+
+def test_put_rules_bad_input_is_a_typed_error_and_changes_nothing(http, served_dsn):
+    batch = new_batch(served_dsn, 3, {"maxpercustomer": 2})
+    before = batch_of(http, batch)
+    path = f"/api/v1/batches/{batch}/rules"
+    cases = [
+        (put(http, path, b"{nope"), 400, "malformed_json"),
+        (put(http, path, {}), 400, "invalid_input"),
+        (put(http, path, {"rules": '{"maxpercustomer": 1}'}), 400, "invalid_input"),
+        (put(http, path, {"rules": {"maxpercustomer": 0}}), 400, "invalid_input"),
+        (put(http, path, {"rules": {"maxpercustomer": 1}, "extra": 1}), 400, "invalid_input"),
+        (put(http, path, b"rules=1", {**AUTH, "Content-Type": "text/plain"}), 415,
+         "unsupported_media_type"),
+        (put(http, "/api/v1/batches/nope/rules", {"rules": None}), 400, "invalid_input"),
+        (put(http, f"/api/v1/batches/{uuid.uuid4()}/rules", {"rules": None}), 404,
+         "batch_not_found"),
+    ]
+    for response, status, code in cases:
+        assert (response.status_code, error_of(response)) == (status, code), response.text
+    assert batch_of(http, batch) == before
+    expire(http, batch)
+    ended = put(http, path, {"rules": None})
+    assert (ended.status_code, error_of(ended)) == (410, "batch_expired")
+    assert batch_of(http, batch)["rules"] == {"maxpercustomer": 2}
+
+
+# --- schedules --------------------------------------------------------------------------
+
+
+def test_a_claim_before_the_start_is_409_batch_not_started_until_the_start_is_cleared(
+        http, served_dsn):
+    batch = scheduled_batch(served_dsn, 3, starts_at=in_an_hour())
+    early = redeem(http, batch, "cid")
+    assert (early.status_code, error_of(early)) == (409, "batch_not_started")
+    response = put(http, f"/api/v1/batches/{batch}/schedule", {"starts_at": None})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"batch_id": batch, "starts_at": None, "expires_at": None}
+    assert redeem(http, batch, "cid").status_code == 200
+
+
+def test_put_schedule_keeps_a_field_left_out_and_clears_a_null_one(http, served_dsn):
+    batch = new_batch(served_dsn, 3)
+    end = in_an_hour()
+    path = f"/api/v1/batches/{batch}/schedule"
+    set_end = put(http, path, {"expires_at": end}).json()
+    assert set_end["starts_at"] is None
+    assert datetime.fromisoformat(set_end["expires_at"]) == datetime.fromisoformat(end)
+    assert put(http, path, {}).json() == set_end
+    assert batch_of(http, batch)["expires_at"] is not None
+    assert put(http, path, {"expires_at": None}).json()["expires_at"] is None
+
+
+def test_put_schedule_bad_input_is_a_typed_error_and_changes_nothing(http, served_dsn):
+    batch = scheduled_batch(served_dsn, 3, starts_at=in_an_hour())
+    before = batch_of(http, batch)
+    path = f"/api/v1/batches/{batch}/schedule"
+    soon = datetime.now(UTC) + timedelta(minutes=5)
+    cases = [
+        (put(http, path, {"starts_at": (soon + timedelta(hours=2)).isoformat(),
+                          "expires_at": soon.isoformat()}),
+         400, "invalid_input", "must come after"),
+        (put(http, path, {"expires_at": "2030-01-01T00:00:00"}), 400, "invalid_input", "time zone"),
+        (put(http, path, {"expires_at": "tomorrow"}), 400, "invalid_input", "ISO 8601"),
+        (put(http, path, {"expires_at": "2001-01-01T00:00:00Z"}), 400, "invalid_input",
+         "in the future"),
+        (put(http, path, {"ends_at": None}), 400, "invalid_input", "ends_at"),
+        (put(http, path, {"expires_at": 5}), 400, "invalid_input", "expires_at"),
+        (put(http, path, b"{"), 400, "malformed_json", "json"),
+        (put(http, f"/api/v1/batches/{uuid.uuid4()}/schedule", {}), 404, "batch_not_found",
+         "no batch"),
+    ]
+    for response, status, code, words in cases:
+        assert (response.status_code, error_of(response)) == (status, code), response.text
+        assert words in response.json()["message"], response.text
+    assert batch_of(http, batch) == before
+    expire(http, batch)
+    ended = put(http, path, {"expires_at": None})
+    assert (ended.status_code, error_of(ended)) == (410, "batch_expired")
+
+
+# --- deletion ---------------------------------------------------------------------------
+
+
+def test_delete_removes_an_expired_batchs_unissued_codes_and_keeps_its_issues(http, served_dsn):
+    batch = new_batch(served_dsn, 4)
+    code = redeem(http, batch, "dan").json()["code"]
+    live = http.delete(f"/api/v1/batches/{batch}", headers=AUTH)
+    assert (live.status_code, error_of(live)) == (400, "invalid_input")
+    assert "expire it first" in live.json()["message"]
+    assert batch_of(http, batch)["total"] == 4
+    expire(http, batch)
+    deleted = http.delete(f"/api/v1/batches/{batch}", headers=AUTH)
+    assert deleted.status_code == 200, deleted.text
+    assert deleted.json() == {"batch_id": batch, "purged": False, "codes_deleted": 3,
+                              "issues_deleted": 0}
+    assert http.get(f"/api/v1/codes/{code}", headers=AUTH).json()["status"] == "issued"
+    typo = http.delete(f"/api/v1/batches/{batch}?purge=ture", headers=AUTH)
+    assert (typo.status_code, error_of(typo)) == (400, "invalid_input")
+    purged = http.delete(f"/api/v1/batches/{batch}?purge=true", headers=AUTH)
+    assert purged.json() == {"batch_id": batch, "purged": True, "codes_deleted": 1,
+                             "issues_deleted": 1}
+    assert http.get(f"/api/v1/codes/{code}", headers=AUTH).json()["status"] == "never_imported"
+    gone = http.delete(f"/api/v1/batches/{batch}", headers=AUTH)
+    assert (gone.status_code, error_of(gone)) == (404, "batch_not_found")
+    bad = http.delete("/api/v1/batches/nope", headers=AUTH)
+    assert (bad.status_code, error_of(bad)) == (400, "invalid_input")
+
+
+# --- look-ups ---------------------------------------------------------------------------
+
+
+def test_lookup_says_who_has_a_code_or_that_it_is_available_or_never_imported(
+        http, served_dsn):
+    batch = new_batch(served_dsn, 2)
+    code = redeem(http, batch, "eve", requestid="order-9").json()["code"]
+    found = http.get(f"/api/v1/codes/{code}", headers=AUTH)
+    assert found.status_code == 200, found.text
+    info = found.json()
+    assert (info["status"], info["batch_id"], info["customer_id"], info["request_id"],
+            info["client_id"]) == ("issued", batch, "eve", "order-9", CLIENT_ID)
+    assert info["issued_at"]
+    other = f"{code[:-1]}{1 - int(code[-1])}"  # the batch's other code (…-000000, …-000001)
+    assert http.get(f"/api/v1/codes/{other}", headers=AUTH).json()["status"] == "available"
+    never = http.get("/api/v1/codes/NO%2FSUCH%20CODE", headers=AUTH).json()
+    assert never == {"code": "NO/SUCH CODE", "status": "never_imported", "batch_id": None,
+                     "batch_name": None, "client_id": None, "customer_id": None,
+                     "issued_at": None, "request_id": None}
+    control = http.get("/api/v1/codes/A%01B", headers=AUTH)
+    assert (control.status_code, error_of(control)) == (400, "invalid_input")
+    assert "control character" in control.json()["message"]
+
+
+def test_customer_codes_lists_a_customers_codes_newest_first(http, served_dsn):
+    first, second = new_batch(served_dsn, 3), new_batch(served_dsn, 3)
+    customer = f"fay/{uuid.uuid4().hex[:6]}"  # a "/" travels percent-encoded
+    codes = [redeem(http, batch, customer).json()["code"] for batch in (first, second, first)]
+    path = f"/api/v1/customers/{customer.replace('/', '%2F')}/codes"
+    listed = http.get(path, headers=AUTH)
+    assert listed.status_code == 200, listed.text
+    assert [row["code"] for row in listed.json()] == codes[::-1]
+    assert set(listed.json()[0]) == {"code", "batch_id", "batch_name", "issued_at",
+                                     "request_id"}
+    only = http.get(path, params={"batch_id": first}, headers=AUTH).json()
+    assert [row["code"] for row in only] == [codes[2], codes[0]]
+    assert len(http.get(path, params={"limit": 1}, headers=AUTH).json()) == 1
+    assert http.get("/api/v1/customers/nobody-at-all/codes", headers=AUTH).json() == []
+    for params, words in (({"limit": 0}, "limit"), ({"limit": "ten"}, "limit"),
+                          ({"limit": 10_001}, "limit"), ({"batch_id": "x"}, "batch id")):
+        bad = http.get(path, params=params, headers=AUTH)
+        assert (bad.status_code, error_of(bad)) == (400, "invalid_input"), params
+        assert words in bad.json()["message"]
+
+
+# --- client tokens ------------------------------------------------------------------------
+
+
+def test_a_client_token_can_neither_look_up_nor_change_any_batch_and_nothing_changes(
+        http, served_dsn):
+    from tests.helpers import make_batch
+
+    mine = new_batch(served_dsn, 3)
+    theirs = make_batch(served_dsn, 3, client=OTHER_CLIENT)
+    code = redeem(http, mine, "gil").json()["code"]
+    _, scoped = client_token(http, served_dsn)
+    for path in (f"/api/v1/codes/{code}", "/api/v1/customers/gil/codes"):
+        refused = http.get(path, headers=scoped)
+        assert (refused.status_code, error_of(refused)) == (403, "unauthorized"), path
+    expire(http, theirs)  # deletable by the admin, not by a client token
+    before = {batch: batch_of(http, batch) for batch in (mine, theirs)}
+    for batch in (mine, theirs, str(uuid.uuid4())):
+        for response in (
+                put(http, f"/api/v1/batches/{batch}/rules", {"rules": {"maxpercustomer": 1}},
+                    scoped),
+                put(http, f"/api/v1/batches/{batch}/schedule", {"expires_at": in_an_hour()},
+                    scoped),
+                http.delete(f"/api/v1/batches/{batch}?purge=true", headers=scoped)):
+            assert (response.status_code, error_of(response)) == (404, "batch_not_found")
+            assert response.json()["message"] == f"no batch with id {batch}"
+    assert {batch: batch_of(http, batch) for batch in (mine, theirs)} == before
