@@ -47,6 +47,7 @@ from ango.errors import (
 from ango.importer import parse_uuid
 from ango.tokens import ADMIN, Authenticator, Scope
 
+from .http_export import Spout, Streamed, run_export
 from .http_upload import TooLarge, Upload, UploadError
 from .protocol_server import NOOP_CODE
 
@@ -84,6 +85,12 @@ class HttpLimits:
     #: Uploads imported at once (503 with Retry-After beyond): each holds a thread
     #: and a PostgreSQL connection for its duration.
     max_uploads: int = 2
+    #: Exports streamed at once (503 with Retry-After beyond): each holds a thread
+    #: and a PostgreSQL connection until its client has read it all.
+    max_exports: int = 2
+    #: Seconds a streamed answer (an export) may wait for a client that reads
+    #: nothing before it is stopped and the connection closed.
+    send_timeout: float = 30.0
     #: Bytes of request line and headers (431 beyond).
     max_header_bytes: int = 16 * 1024
     #: Seconds from a connection's first byte (or a request's) to its headers' end (408).
@@ -204,6 +211,7 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/api/v1/batches/{id}/rules", "set_rules"),
     Route("PUT", "/api/v1/batches/{id}/schedule", "set_schedule"),
     Route("DELETE", "/api/v1/batches/{id}", "delete_batch"),
+    Route("GET", "/api/v1/batches/{id}/export", "export"),
     Route("GET", "/api/v1/stats", "stats"),
     Route("GET", "/healthcheck", "healthcheck", open=True),
     Route("GET", "/readyz", "readyz", open=True),
@@ -310,6 +318,9 @@ class HttpApi:
         self._upload_pool = ThreadPoolExecutor(self.limits.max_uploads,
                                                thread_name_prefix="ango-upload")
         self._uploads = 0
+        self._export_pool = ThreadPoolExecutor(self.limits.max_exports,
+                                               thread_name_prefix="ango-export")
+        self._exports = 0
         # Open routes must not let a flood of probes reach PostgreSQL or the shards.
         self._database = Cached(self._check_database, self.limits.probe_cache)
         self._shards = Cached(self._shards_alive, self.limits.probe_cache)
@@ -343,6 +354,9 @@ class HttpApi:
         if body is None:
             return  # the client went away
         self.responses[status] = self.responses.get(status, 0) + 1
+        if body.__class__ is Streamed:
+            await body.send(send, request.receive, status, self.limits.send_timeout)
+            return
         content_type = JSON
         if headers:
             headers = list(headers)
@@ -471,10 +485,14 @@ class HttpApi:
         return 200, _encode(rows), []
 
     async def _get_batch(self, request: Request) -> tuple[int, bytes, list]:
+        return 200, _encode(await self._visible_batch(request)), []
+
+    async def _visible_batch(self, request: Request) -> dict[str, Any]:
+        """The batch of the path if the token reaches it (a client token: its own only)."""
         wanted = str(_batch_id(request.params["id"]))
         for row in await self._need_allocator().batches(client_id=request.access.client_id):
             if row["id"] == wanted:
-                return 200, _encode(row), []
+                return row
         raise BatchNotFound(f"no batch with id {wanted}")
 
     async def _expire_batch(self, request: Request) -> tuple[int, bytes, list]:
@@ -537,6 +555,40 @@ class HttpApi:
         batch_id = self._batch_to_change(request)
         result = await self._need_allocator().delete(batch_id, request.query_flag("purge"))
         return 200, _encode(result), []
+
+    async def _export(self, request: Request) -> tuple[int, Streamed, list]:
+        alloc = self._need_allocator()
+        what = request.query("what") or ""
+        fmt = request.query("format") or "csv"
+        if not request.access.admin:
+            await self._visible_batch(request)  # a client token: its own batches only
+        batch_id = str(_batch_id(request.params["id"]))
+        if self._exports >= self.limits.max_exports:
+            raise Unavailable(f"{self._exports} exports are running; retry later")
+        self._exports += 1
+        spout = Spout(asyncio.get_running_loop())
+        done = False
+
+        def end() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self._exports -= 1
+
+        try:
+            self._export_pool.submit(run_export, alloc.dsn, batch_id, what, fmt, spout)
+            # The first chunk (or the export's error: unknown batch, bad what or
+            # format) comes before the status is chosen.
+            first = await spout.next()
+        except BaseException:
+            spout.stop()
+            end()
+            raise
+        media = b"text/csv; charset=utf-8" if fmt == "csv" else b"application/x-ndjson"
+        name = b'attachment; filename="%s-%s.%s"' % (batch_id.encode(), what.encode(),
+                                                    fmt.encode())
+        return 200, Streamed(first, spout, [(b"content-type", media),
+                                            (b"content-disposition", name)], end), []
 
     async def _stats(self, request: Request) -> tuple[int, bytes, list]:
         if not request.access.admin:  # counters would tell one client of the others' traffic
@@ -657,12 +709,13 @@ class HttpApi:
     def stats(self) -> dict[str, Any]:
         """The HTTP API's own counters."""
         return {"requests": self.requests, "connections": self.connections,
-                "uploads_in_progress": self._uploads,
+                "uploads_in_progress": self._uploads, "exports_in_progress": self._exports,
                 "responses": {str(k): v for k, v in sorted(self.responses.items())}}
 
     def close(self) -> None:
         """Release the upload threads (after the server has stopped)."""
         self._upload_pool.shutdown(wait=False, cancel_futures=True)
+        self._export_pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Cached:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import psutil
 
 from ango.importer import import_codes
 from tests.hostile import module_dsn  # noqa: F401 (a fixture)
@@ -250,3 +252,101 @@ def test_a_client_token_can_neither_look_up_nor_change_any_batch_and_nothing_cha
             assert (response.status_code, error_of(response)) == (404, "batch_not_found")
             assert response.json()["message"] == f"no batch with id {batch}"
     assert {batch: batch_of(http, batch) for batch in (mine, theirs)} == before
+
+
+# --- export ---------------------------------------------------------------------------
+
+
+def test_export_streams_a_batchs_issued_and_available_codes_as_csv_or_json_lines(
+        http, served_dsn):
+    batch = new_batch(served_dsn, 4)
+    codes = {redeem(http, batch, f"hal-{i}", requestid=f"r-{i}").json()["code"]: f"hal-{i}"
+             for i in range(2)}
+    path = f"/api/v1/batches/{batch}/export"
+    issued_csv = http.get(path, params={"what": "issued"}, headers=AUTH)
+    assert issued_csv.status_code == 200, issued_csv.text
+    assert issued_csv.headers["content-type"].startswith("text/csv")
+    assert "content-length" not in issued_csv.headers  # streamed (chunked)
+    assert f'filename="{batch}-issued.csv"' in issued_csv.headers["content-disposition"]
+    lines = issued_csv.text.splitlines()
+    assert lines[0] == "code,customer_id,issued_at,request_id"
+    assert {line.split(",")[0]: line.split(",")[1] for line in lines[1:]} == codes
+    available = http.get(path, params={"what": "available", "format": "jsonl"}, headers=AUTH)
+    assert available.headers["content-type"] == "application/x-ndjson"
+    rows = [json.loads(line) for line in available.text.splitlines()]
+    assert len(rows) == 2 and not {row["code"] for row in rows} & set(codes)
+
+
+def test_export_errors_are_typed_before_the_first_byte(http, served_dsn):
+    batch = new_batch(served_dsn, 2)
+    path = f"/api/v1/batches/{batch}/export"
+    for params, status, code, words in (
+            ({}, 400, "invalid_input", "issued"),
+            ({"what": "sold"}, 400, "invalid_input", "issued"),
+            ({"what": "issued", "format": "xml"}, 400, "invalid_input", "format"),
+    ):
+        response = http.get(path, params=params, headers=AUTH)
+        assert (response.status_code, error_of(response)) == (status, code), params
+        assert words in response.json()["message"]
+    unknown = http.get(f"/api/v1/batches/{uuid.uuid4()}/export?what=issued", headers=AUTH)
+    assert (unknown.status_code, error_of(unknown)) == (404, "batch_not_found")
+    bad = http.get("/api/v1/batches/nope/export?what=issued", headers=AUTH)
+    assert (bad.status_code, error_of(bad)) == (400, "invalid_input")
+
+
+def test_a_client_token_exports_its_own_batches_only(http, served_dsn):
+    from tests.helpers import make_batch
+
+    mine = new_batch(served_dsn, 2)
+    theirs = make_batch(served_dsn, 2, client=OTHER_CLIENT)
+    _, scoped = client_token(http, served_dsn)
+    own = http.get(f"/api/v1/batches/{mine}/export?what=available", headers=scoped)
+    assert own.status_code == 200 and len(own.text.splitlines()) == 3
+    refused = http.get(f"/api/v1/batches/{theirs}/export?what=available", headers=scoped)
+    assert (refused.status_code, error_of(refused)) == (404, "batch_not_found")
+    assert refused.json()["message"] == f"no batch with id {theirs}"
+
+
+def big_batch(dsn: str, rows: int, width: int) -> str:
+    """A batch of ``rows`` codes ``width`` characters long, imported from a file stream."""
+    prefix = uuid.uuid4().hex[:8]
+    pad = "x" * (width - 18)
+    body = "code\n" + "".join(f"{prefix}-{i:09d}{pad}\n" for i in range(rows))
+    return str(import_codes(dsn, io.BytesIO(body.encode()), CLIENT_ID, f"big {prefix}").batch_id)
+
+
+def test_export_of_a_big_batch_streams_with_the_server_memory_bounded_and_a_client_that_leaves_frees_its_slot(  # noqa: E501
+        http, serve, served_dsn):
+    rows, width = 250_000, 240  # about 60 MB of CSV
+    batch = big_batch(served_dsn, rows, width)
+    url = f"http://127.0.0.1:{serve.http_port}/api/v1/batches/{batch}/export?what=available"
+    server = psutil.Process(serve.proc.pid)
+    baseline = server.memory_info().rss
+    peak = baseline
+    size = lines = 0
+    with httpx.stream("GET", url, headers=AUTH, timeout=60) as response:
+        assert response.status_code == 200
+        for i, chunk in enumerate(response.iter_bytes()):
+            if i == 1:
+                time.sleep(0.5)  # a slow reader: the export must wait, not buffer
+            size += len(chunk)
+            lines += chunk.count(b"\n")
+            if i % 50 == 0:
+                peak = max(peak, server.memory_info().rss)
+    assert lines == rows + 1 and size > 60_000_000
+    grown = peak - baseline
+    assert grown < 24 * 1024 * 1024, grown
+
+    # Clients that leave after the first bytes give their export's slot back
+    # (at most 2 exports run at once; a third would be 503).
+    for _ in range(3):
+        with httpx.stream("GET", url, headers=AUTH, timeout=60) as response:
+            assert response.status_code == 200, response.read()
+            next(response.iter_bytes())
+    deadline = time.monotonic() + 10
+    while True:
+        with httpx.stream("GET", url, headers=AUTH, timeout=60) as response:
+            if response.status_code == 200:
+                break
+            assert response.status_code == 503 and time.monotonic() < deadline
+        time.sleep(0.2)
