@@ -44,11 +44,11 @@ from ango.errors import (
     RuleViolation,
     Unavailable,
 )
-from ango.importer import parse_uuid
+from ango.importer import ImportResult, parse_uuid
 from ango.tokens import ADMIN, Authenticator, Scope
 
 from .http_export import Spout, Streamed, run_export
-from .http_upload import TooLarge, Upload, UploadError
+from .http_upload import TooLarge, TopUp, Upload, UploadError
 from .protocol_server import NOOP_CODE
 
 log = logging.getLogger("ango.server.http")
@@ -212,6 +212,7 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/api/v1/batches/{id}/schedule", "set_schedule"),
     Route("DELETE", "/api/v1/batches/{id}", "delete_batch"),
     Route("GET", "/api/v1/batches/{id}/export", "export"),
+    Route("POST", "/api/v1/batches/{id}/codes", "top_up"),
     Route("GET", "/api/v1/stats", "stats"),
     Route("GET", "/healthcheck", "healthcheck", open=True),
     Route("GET", "/readyz", "readyz", open=True),
@@ -632,6 +633,30 @@ class HttpApi:
 
     async def _upload(self, request: Request) -> tuple[int, bytes | None, list]:
         alloc = self._need_allocator()
+        result = await self._receive_upload(request, lambda boundary: Upload(
+            alloc.dsn, boundary, run=self._in_upload_thread,
+            only_client=request.access.client_id))
+        if result is None:
+            return 400, None, []  # the client went away
+        log.info("HTTP upload: batch %s, %d codes", result.batch_id, result.imported)
+        return 200, _encode({"message": "Codes uploaded successfully",
+                             "batch_id": str(result.batch_id),
+                             "imported": result.imported}), []
+
+    async def _top_up(self, request: Request) -> tuple[int, bytes | None, list]:
+        alloc = self._need_allocator()
+        batch_id = self._batch_to_change(request)
+        result = await self._receive_upload(request, lambda boundary: TopUp(
+            alloc.dsn, boundary, batch_id, run=self._in_upload_thread))
+        if result is None:
+            return 400, None, []
+        log.info("HTTP top-up: batch %s, %d codes added", batch_id, result.imported)
+        return 200, _encode({"batch_id": batch_id, "imported": result.imported}), []
+
+    async def _receive_upload(self, request: Request,
+                              make: Callable[[bytes], Upload]) -> ImportResult | None:
+        """Stream a multipart body into ``make(boundary)``; its import's result (None:
+        the client went away). Uploads and top-ups share the limits."""
         media, options = parse_options_header(request.headers.get(b"content-type", b""))
         if media != b"multipart/form-data" or not options.get(b"boundary"):
             raise HttpError(415, "unsupported_media_type",
@@ -643,15 +668,14 @@ class HttpApi:
         if self._uploads >= self.limits.max_uploads:
             raise Unavailable(f"{self._uploads} uploads are being imported; retry later")
         self._uploads += 1
-        upload = Upload(alloc.dsn, options[b"boundary"], run=self._in_upload_thread,
-                        only_client=request.access.client_id)
+        upload = make(options[b"boundary"])
         try:
             size = 0
             while True:
                 message = await request.receive()
                 if message["type"] == "http.disconnect":
                     await upload.abort(ConnectionError("the client went away"))
-                    return 400, None, []
+                    return None
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
@@ -672,10 +696,7 @@ class HttpApi:
             upload.close()
         if self.metrics is not None:
             self.metrics.import_rows(result.imported)
-        log.info("HTTP upload: batch %s, %d codes", result.batch_id, result.imported)
-        return 200, _encode({"message": "Codes uploaded successfully",
-                             "batch_id": str(result.batch_id),
-                             "imported": result.imported}), []
+        return result
 
     async def _in_upload_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(

@@ -350,3 +350,114 @@ def test_export_of_a_big_batch_streams_with_the_server_memory_bounded_and_a_clie
                 break
             assert response.status_code == 503 and time.monotonic() < deadline
         time.sleep(0.2)
+
+
+# --- top-up and scheduled uploads ----------------------------------------------------------
+
+
+def top_up(http: httpx.Client, batch: str, data: bytes, headers: dict | None = None,
+           name: str = "more.csv") -> httpx.Response:
+    return http.post(f"/api/v1/batches/{batch}/codes", headers=headers or AUTH,
+                     files={"file": (name, data, "text/csv")})
+
+
+def codes_csv(*codes: str) -> bytes:
+    return ("code\n" + "".join(f"{code}\n" for code in codes)).encode()
+
+
+def test_top_up_adds_codes_and_an_exhausted_batch_is_claimable_again(http, served_dsn):
+    batch = new_batch(served_dsn, 1)
+    assert redeem(http, batch, "ivy").status_code == 200
+    empty = redeem(http, batch, "jon")
+    assert (empty.status_code, error_of(empty)) == (404, "batch_exhausted")
+    prefix = uuid.uuid4().hex[:8]
+    added = top_up(http, batch, codes_csv(f"{prefix}-a", f"{prefix}-b"))
+    assert added.status_code == 200, added.text
+    assert added.json() == {"batch_id": batch, "imported": 2}
+    assert redeem(http, batch, "jon").json()["code"] in {f"{prefix}-a", f"{prefix}-b"}
+    assert batch_of(http, batch)["total"] == 3
+    with_client = f"code,client_id\n{prefix}-c,{CLIENT_ID}\n".encode()
+    assert top_up(http, batch, with_client).json()["imported"] == 1
+
+
+def test_top_up_bad_input_is_a_typed_error_and_adds_nothing(http, served_dsn):
+    batch = new_batch(served_dsn, 2)
+    before = batch_of(http, batch)
+    prefix = uuid.uuid4().hex[:8]
+    taken = redeem(http, new_batch(served_dsn, 1), "kai").json()["code"]
+    cases = [
+        (top_up(http, batch, codes_csv(f"{prefix}-a", taken)), 400, "import_failed", taken),
+        (top_up(http, batch, f"code,client_id\n{prefix}-b,{OTHER_CLIENT}\n".encode()), 400,
+         "import_failed", "line 2"),
+        (top_up(http, batch, codes_csv(f"{prefix}-c"), name="more.txt"), 400, "invalid_input",
+         "CSV"),
+        (http.post(f"/api/v1/batches/{batch}/codes", headers=AUTH,
+                   files={"other": ("x.csv", b"code\nx\n", "text/csv")}), 400, "invalid_input",
+         "No CSV file"),
+        (http.post(f"/api/v1/batches/{batch}/codes", headers={**AUTH, "Content-Type": "text/csv"},
+                   content=b"code\nx\n"), 415, "unsupported_media_type", "multipart"),
+        (top_up(http, str(uuid.uuid4()), codes_csv(f"{prefix}-d")), 404, "batch_not_found",
+         "no batch"),
+        (top_up(http, "nope", codes_csv(f"{prefix}-e")), 400, "invalid_input", "batch id"),
+    ]
+    for response, status, code, words in cases:
+        assert (response.status_code, error_of(response)) == (status, code), response.text
+        assert words in response.json()["message"], response.text
+    assert batch_of(http, batch) == before
+    expire(http, batch)
+    ended = top_up(http, batch, codes_csv(f"{prefix}-f"))
+    assert (ended.status_code, error_of(ended)) == (410, "batch_expired")
+    lookup = http.get(f"/api/v1/codes/{prefix}-a", headers=AUTH).json()
+    assert lookup["status"] == "never_imported"
+
+
+def test_a_client_token_cannot_top_up_even_its_own_batch(http, served_dsn):
+    from tests.helpers import make_batch
+
+    mine, theirs = new_batch(served_dsn, 1), make_batch(served_dsn, 1, client=OTHER_CLIENT)
+    _, scoped = client_token(http, served_dsn)
+    code = f"{uuid.uuid4().hex[:8]}-z"
+    for batch in (mine, theirs):
+        refused = top_up(http, batch, codes_csv(code), headers=scoped)
+        assert (refused.status_code, error_of(refused)) == (404, "batch_not_found")
+        assert refused.json()["message"] == f"no batch with id {batch}"
+        assert batch_of(http, batch)["total"] == 1
+    assert http.get(f"/api/v1/codes/{code}", headers=AUTH).json()["status"] == "never_imported"
+
+
+def test_upload_takes_starts_at_and_expires_at(http, served_dsn):
+    data = codes_csv(*(f"{uuid.uuid4().hex[:8]}-{i}" for i in range(2)))
+    start, end = in_an_hour(), (datetime.now(UTC) + timedelta(days=2)).isoformat()
+    response = http.post("/api/v1/codes/upload", headers=AUTH,
+                         data={"batch_name": "later", "client_id": CLIENT_ID,
+                               "starts_at": start, "expires_at": end},
+                         files={"file": ("c.csv", data, "text/csv")})
+    assert response.status_code == 200, response.text
+    batch = response.json()["batch_id"]
+    row = batch_of(http, batch)
+    assert datetime.fromisoformat(row["starts_at"]) == datetime.fromisoformat(start)
+    assert datetime.fromisoformat(row["expires_at"]) == datetime.fromisoformat(end)
+    early = redeem(http, batch, "lea")
+    assert (early.status_code, error_of(early)) == (409, "batch_not_started")
+    backwards = http.post("/api/v1/codes/upload", headers=AUTH,
+                          data={"batch_name": "backwards", "client_id": CLIENT_ID,
+                                "starts_at": end, "expires_at": start},
+                          files={"file": ("c.csv", codes_csv("never-1"), "text/csv")})
+    assert (backwards.status_code, error_of(backwards)) == (400, "invalid_input")
+    assert "must come after" in backwards.json()["message"]
+
+
+def test_an_upload_field_after_a_streaming_file_refuses_the_upload_whole(http):
+    boundary = "b0undary"
+    code = f"{uuid.uuid4().hex[:8]}-late"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"batch_name\"\r\n\r\n"
+            f"late schedule\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"client_id\""
+            f"\r\n\r\n{CLIENT_ID}\r\n--{boundary}\r\nContent-Disposition: form-data; "
+            f"name=\"file\"; filename=\"c.csv\"\r\nContent-Type: text/csv\r\n\r\ncode\n{code}\n\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"starts_at\"\r\n\r\n"
+            f"{in_an_hour()}\r\n--{boundary}--\r\n").encode()
+    response = http.post("/api/v1/codes/upload", content=body, headers={
+        **AUTH, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert (response.status_code, error_of(response)) == (400, "invalid_input"), response.text
+    assert "'starts_at' comes after the file" in response.json()["message"]
+    assert http.get(f"/api/v1/codes/{code}", headers=AUTH).json()["status"] == "never_imported"
