@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import httpx
 import psutil
+from ango.server.http_api import HttpApi, HttpLimits
 
 from ango.importer import import_codes
 from tests.hostile import module_dsn  # noqa: F401 (a fixture)
-from tests.servers import CLIENT_ID, new_batch
+from tests.servers import CLIENT_ID, TOKEN, new_batch
 from tests.test_http_api import (  # noqa: F401 (fixtures)
     AUTH,
     JSON_TYPE,
@@ -24,6 +27,7 @@ from tests.test_http_api import (  # noqa: F401 (fixtures)
     client_token,
     error_of,
     http,
+    http_in_thread,
     redeem,
     serve,
     served_dsn,
@@ -461,3 +465,32 @@ def test_an_upload_field_after_a_streaming_file_refuses_the_upload_whole(http):
     assert (response.status_code, error_of(response)) == (400, "invalid_input"), response.text
     assert "'starts_at' comes after the file" in response.json()["message"]
     assert http.get(f"/api/v1/codes/{code}", headers=AUTH).json()["status"] == "never_imported"
+
+
+def test_an_export_to_a_client_that_reads_nothing_is_stopped_and_frees_its_slot(served_dsn):
+    batch = big_batch(served_dsn, 150_000, 240)  # 36 MB: far beyond the sockets' buffers
+    limits = HttpLimits(send_timeout=1.0, max_exports=1)
+    alloc = SimpleNamespace(dsn=served_dsn)  # an admin's export needs only the database
+    with http_in_thread(lambda: HttpApi(alloc, token=TOKEN, limits=limits)) as port:
+        path = f"/api/v1/batches/{batch}/export?what=available"
+        url = f"http://127.0.0.1:{port}{path}"
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", port))
+        stalled.sendall(f"GET {path} HTTP/1.1\r\nHost: ango\r\n"
+                        f"Authorization: Bearer {TOKEN}\r\n\r\n".encode())
+        try:
+            statuses = []
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                with httpx.stream("GET", url, headers=AUTH, timeout=30) as response:
+                    statuses.append(response.status_code)
+                    if response.status_code == 200:
+                        break
+                    response.read()
+                    assert (response.status_code, error_of(response)) == (503, "unavailable")
+                time.sleep(0.2)
+            # Refused while the stalled client held the only slot, served once it was stopped.
+            assert statuses[0] == 503 and statuses[-1] == 200, statuses
+        finally:
+            stalled.close()
