@@ -271,7 +271,8 @@ class Request:
             return None
         # Bytes that are not UTF-8 become lone surrogates, which the library's
         # text check refuses naming the position.
-        for key, value in urllib.parse.parse_qsl(query.decode("latin-1"), keep_blank_values=True,
+        text = query.decode("utf-8", "surrogateescape")
+        for key, value in urllib.parse.parse_qsl(text, keep_blank_values=True,
                                                  encoding="utf-8", errors="surrogateescape"):
             if key == name:
                 return value
@@ -340,7 +341,7 @@ class HttpApi:
         try:
             request = Request(scope, receive)
             route, request.params = self._match(scope["path"], scope["method"],
-                                                      scope.get("raw_path"))
+                                                scope.get("raw_path"))
             access = self.authorize(route, request.headers)
             if access is None:
                 await self._refuse(request)

@@ -223,6 +223,9 @@ def test_customer_codes_lists_a_customers_codes_newest_first(http, served_dsn):
     assert [row["code"] for row in only] == [codes[2], codes[0]]
     assert len(http.get(path, params={"limit": 1}, headers=AUTH).json()) == 1
     assert http.get("/api/v1/customers/nobody-at-all/codes", headers=AUTH).json() == []
+    not_utf8 = http.get("/api/v1/customers/a%FFb/codes", headers=AUTH)
+    assert (not_utf8.status_code, error_of(not_utf8)) == (400, "invalid_input")
+    assert "customer id" in not_utf8.json()["message"]
     for params, words in (({"limit": 0}, "limit"), ({"limit": "ten"}, "limit"),
                           ({"limit": 10_001}, "limit"), ({"batch_id": "x"}, "batch id")):
         bad = http.get(path, params=params, headers=AUTH)
