@@ -20,6 +20,7 @@ import functools
 import logging
 import re
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,15 +38,17 @@ from ango.errors import (
     BatchExhausted,
     BatchExpired,
     BatchNotFound,
+    BatchNotStarted,
     ImportFailed,
     InvalidInput,
     RuleViolation,
     Unavailable,
 )
-from ango.importer import parse_uuid
+from ango.importer import ImportResult, parse_uuid
 from ango.tokens import ADMIN, Authenticator, Scope
 
-from .http_upload import TooLarge, Upload, UploadError
+from .http_export import Spout, Streamed, run_export
+from .http_upload import TooLarge, TopUp, Upload, UploadError
 from .protocol_server import NOOP_CODE
 
 log = logging.getLogger("ango.server.http")
@@ -82,6 +85,12 @@ class HttpLimits:
     #: Uploads imported at once (503 with Retry-After beyond): each holds a thread
     #: and a PostgreSQL connection for its duration.
     max_uploads: int = 2
+    #: Exports streamed at once (503 with Retry-After beyond): each holds a thread
+    #: and a PostgreSQL connection until its client has read it all.
+    max_exports: int = 2
+    #: Seconds a streamed answer (an export) may wait for a client that reads
+    #: nothing before it is stopped and the connection closed.
+    send_timeout: float = 30.0
     #: Bytes of request line and headers (431 beyond).
     max_header_bytes: int = 16 * 1024
     #: Seconds from a connection's first byte (or a request's) to its headers' end (408).
@@ -119,7 +128,9 @@ class HttpError(Exception):
 STATUS_OF: dict[type[AngoError], int] = {
     InvalidInput: 400, ImportFailed: 400, UploadError: 400, AuthenticationFailed: 401,
     RuleViolation: 403, BatchNotFound: 404, BatchExhausted: 404, BatchExpired: 410,
-    TooLarge: 413, Unavailable: 503,
+    # A claim before the batch's start: 409 (the batch's state, not the customer's
+    # rule, 403, and not gone, 410); the same claim succeeds once the batch starts.
+    BatchNotStarted: 409, TooLarge: 413, Unavailable: 503,
 }
 _RETRY_AFTER = [(b"retry-after", b"1")]
 
@@ -157,7 +168,22 @@ class RedeemBody(msgspec.Struct):
     requestid: str | None = None
 
 
+class RulesBody(msgspec.Struct, forbid_unknown_fields=True):
+    """``PUT /api/v1/batches/{id}/rules``: the new rules, or null for none."""
+
+    rules: dict[str, Any] | None
+
+
+class ScheduleBody(msgspec.Struct, forbid_unknown_fields=True):
+    """``PUT /api/v1/batches/{id}/schedule``: a field left out keeps its value, null clears it."""
+
+    starts_at: str | None | msgspec.UnsetType = msgspec.UNSET
+    expires_at: str | None | msgspec.UnsetType = msgspec.UNSET
+
+
 _redeem_decoder = msgspec.json.Decoder(RedeemBody)
+_rules_decoder = msgspec.json.Decoder(RulesBody)
+_schedule_decoder = msgspec.json.Decoder(ScheduleBody)
 _encode = msgspec.json.encode
 
 
@@ -178,6 +204,15 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/v1/batches/{id}", "get_batch"),
     Route("POST", "/api/v1/batches/{id}/expire", "expire_batch"),
     Route("POST", "/api/v1/codes/upload", "upload"),
+    # The life of a batch and of a code (issue 14): the admin token's, as over the
+    # binary protocol (export also a client token's, for its own batches).
+    Route("GET", "/api/v1/codes/{code}", "lookup"),
+    Route("GET", "/api/v1/customers/{customer_id}/codes", "customer_codes"),
+    Route("PUT", "/api/v1/batches/{id}/rules", "set_rules"),
+    Route("PUT", "/api/v1/batches/{id}/schedule", "set_schedule"),
+    Route("DELETE", "/api/v1/batches/{id}", "delete_batch"),
+    Route("GET", "/api/v1/batches/{id}/export", "export"),
+    Route("POST", "/api/v1/batches/{id}/codes", "top_up"),
     Route("GET", "/api/v1/stats", "stats"),
     Route("GET", "/healthcheck", "healthcheck", open=True),
     Route("GET", "/readyz", "readyz", open=True),
@@ -229,13 +264,29 @@ class Request:
                 self.body_done = True
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def query_flag(self, name: str) -> bool:
-        """True when the query string holds ``name=true`` (or 1, yes)."""
-        for pair in self.scope.get("query_string", b"").decode("latin-1").split("&"):
-            key, _, value = pair.partition("=")
+    def query(self, name: str) -> str | None:
+        """The (percent-decoded) value of ``name`` in the query string, if given."""
+        query = self.scope.get("query_string", b"")
+        if not query:
+            return None
+        # Bytes that are not UTF-8 become lone surrogates, which the library's
+        # text check refuses naming the position.
+        text = query.decode("utf-8", "surrogateescape")
+        for key, value in urllib.parse.parse_qsl(text, keep_blank_values=True,
+                                                 encoding="utf-8", errors="surrogateescape"):
             if key == name:
-                return value.lower() in ("", "1", "true", "yes")
-        return False
+                return value
+        return None
+
+    def query_flag(self, name: str) -> bool:
+        """True for ``name=true`` (or 1, yes, or the bare name), False for false (0, no)
+        or its absence; anything else is a 400 (a typo must not turn a flag off)."""
+        value = self.query(name)
+        if value is None or value.lower() in ("false", "0", "no"):
+            return False
+        if value.lower() in ("", "1", "true", "yes"):
+            return True
+        raise InvalidInput(f"query parameter {name} must be true or false, got {value[:40]!r}")
 
 
 class HttpApi:
@@ -269,6 +320,9 @@ class HttpApi:
         self._upload_pool = ThreadPoolExecutor(self.limits.max_uploads,
                                                thread_name_prefix="ango-upload")
         self._uploads = 0
+        self._export_pool = ThreadPoolExecutor(self.limits.max_exports,
+                                               thread_name_prefix="ango-export")
+        self._exports = 0
         # Open routes must not let a flood of probes reach PostgreSQL or the shards.
         self._database = Cached(self._check_database, self.limits.probe_cache)
         self._shards = Cached(self._shards_alive, self.limits.probe_cache)
@@ -286,7 +340,8 @@ class HttpApi:
         request: Request | None = None
         try:
             request = Request(scope, receive)
-            route, request.params = self._match(scope["path"], scope["method"])
+            route, request.params = self._match(scope["path"], scope["method"],
+                                                scope.get("raw_path"))
             access = self.authorize(route, request.headers)
             if access is None:
                 await self._refuse(request)
@@ -301,6 +356,9 @@ class HttpApi:
         if body is None:
             return  # the client went away
         self.responses[status] = self.responses.get(status, 0) + 1
+        if body.__class__ is Streamed:
+            await body.send(send, request.receive, status, self.limits.send_timeout)
+            return
         content_type = JSON
         if headers:
             headers = list(headers)
@@ -317,14 +375,19 @@ class HttpApi:
         await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": body})
 
-    def _match(self, path: str, method: str) -> tuple[Route, dict[str, str]]:
+    def _match(self, path: str, method: str,
+               raw_path: bytes | None = None) -> tuple[Route, dict[str, str]]:
         methods = self._exact.get(path)
         params: dict[str, str] = {}
         if methods is None:
+            # Matched on the raw path: a code or customer id may hold an encoded "/".
+            raw = path if raw_path is None else raw_path.decode("latin-1")
             for pattern, candidates in self._templated:
-                found = pattern.match(path)
+                found = pattern.match(raw)
                 if found:
-                    methods, params = candidates, found.groupdict()
+                    methods = candidates
+                    params = {name: urllib.parse.unquote(value, errors="surrogateescape")
+                              for name, value in found.groupdict().items()}
                     break
             else:
                 raise HttpError(404, "not_found", f"no route {path}")
@@ -372,18 +435,22 @@ class HttpApi:
 
     # --- routes ---------------------------------------------------------------------
 
-    async def _redeem(self, request: Request) -> tuple[int, bytes, list]:
+    async def _json_body(self, request: Request, decoder: msgspec.json.Decoder) -> Any:
+        """The request's JSON body decoded; 415, 413 or 400 saying what is wrong."""
         content_type = request.headers.get(b"content-type")
         if content_type is not None and not _is_json(content_type):
             raise HttpError(415, "unsupported_media_type",
                             "the body must be JSON (Content-Type: application/json)")
         body = await request.body(self.limits.max_json_body)
         try:
-            msg = _redeem_decoder.decode(body)
+            return decoder.decode(body)
         except msgspec.ValidationError as exc:
             raise HttpError(400, InvalidInput.code, f"invalid field: {exc}") from None
         except msgspec.DecodeError as exc:
             raise HttpError(400, "malformed_json", f"cannot parse json: {exc}") from None
+
+    async def _redeem(self, request: Request) -> tuple[int, bytes, list]:
+        msg = await self._json_body(request, _redeem_decoder)
         request_id = msg.requestid
         key = request.headers.get(b"idempotency-key")
         if key is not None:
@@ -420,10 +487,14 @@ class HttpApi:
         return 200, _encode(rows), []
 
     async def _get_batch(self, request: Request) -> tuple[int, bytes, list]:
+        return 200, _encode(await self._visible_batch(request)), []
+
+    async def _visible_batch(self, request: Request) -> dict[str, Any]:
+        """The batch of the path if the token reaches it (a client token: its own only)."""
         wanted = str(_batch_id(request.params["id"]))
         for row in await self._need_allocator().batches(client_id=request.access.client_id):
             if row["id"] == wanted:
-                return 200, _encode(row), []
+                return row
         raise BatchNotFound(f"no batch with id {wanted}")
 
     async def _expire_batch(self, request: Request) -> tuple[int, bytes, list]:
@@ -431,6 +502,95 @@ class HttpApi:
         changed = await self._need_allocator().expire(batch_id,
                                                       client_id=request.access.client_id)
         return 200, _encode({"id": batch_id, "expired": True, "changed": changed}), []
+
+    # --- the life of a batch and of a code (issue 14) --------------------------------
+
+    @staticmethod
+    def _batch_to_change(request: Request) -> str:
+        """The batch id of a change; a client token gets what a missing batch gets.
+
+        Changes are the operator's (the admin token's), as over the binary
+        protocol; a client token learns nothing of which batches exist.
+        """
+        bid = str(_batch_id(request.params["id"]))
+        if not request.access.admin:
+            raise BatchNotFound(f"no batch with id {bid}")
+        return bid
+
+    @staticmethod
+    def _need_admin(request: Request) -> None:
+        if not request.access.admin:
+            # Look-ups span every client's batches: 403, the binary protocol's code.
+            raise HttpError(403, AuthenticationFailed.code, "look-ups need the admin token")
+
+    async def _lookup(self, request: Request) -> tuple[int, bytes, list]:
+        self._need_admin(request)
+        return 200, _encode(await self._need_allocator().lookup(request.params["code"])), []
+
+    async def _customer_codes(self, request: Request) -> tuple[int, bytes, list]:
+        self._need_admin(request)
+        limit = request.query("limit")
+        if limit is not None and not (limit.isascii() and limit.isdigit()):
+            raise InvalidInput(f"limit must be a whole number, got {limit[:40]!r}")
+        rows = await self._need_allocator().customer_codes(
+            request.params["customer_id"], request.query("batch_id") or None,
+            1000 if limit is None else int(limit))
+        return 200, _encode(rows), []
+
+    async def _set_rules(self, request: Request) -> tuple[int, bytes, list]:
+        batch_id = self._batch_to_change(request)
+        body: RulesBody = await self._json_body(request, _rules_decoder)
+        rules = await self._need_allocator().set_rules(batch_id, body.rules)
+        return 200, _encode({"batch_id": batch_id, "rules": rules}), []
+
+    async def _set_schedule(self, request: Request) -> tuple[int, bytes, list]:
+        batch_id = self._batch_to_change(request)
+        body: ScheduleBody = await self._json_body(request, _schedule_decoder)
+        keep_start = body.starts_at is msgspec.UNSET
+        keep_end = body.expires_at is msgspec.UNSET
+        schedule = await self._need_allocator().set_schedule(
+            batch_id, None if keep_start else body.starts_at,
+            None if keep_end else body.expires_at, keep_start=keep_start, keep_end=keep_end)
+        return 200, _encode(schedule), []
+
+    async def _delete_batch(self, request: Request) -> tuple[int, bytes, list]:
+        batch_id = self._batch_to_change(request)
+        result = await self._need_allocator().delete(batch_id, request.query_flag("purge"))
+        return 200, _encode(result), []
+
+    async def _export(self, request: Request) -> tuple[int, Streamed, list]:
+        alloc = self._need_allocator()
+        what = request.query("what") or ""
+        fmt = request.query("format") or "csv"
+        if not request.access.admin:
+            await self._visible_batch(request)  # a client token: its own batches only
+        batch_id = str(_batch_id(request.params["id"]))
+        if self._exports >= self.limits.max_exports:
+            raise Unavailable(f"{self._exports} exports are running; retry later")
+        self._exports += 1
+        spout = Spout(asyncio.get_running_loop())
+        done = False
+
+        def end() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self._exports -= 1
+
+        try:
+            self._export_pool.submit(run_export, alloc.dsn, batch_id, what, fmt, spout)
+            # The first chunk (or the export's error: unknown batch, bad what or
+            # format) comes before the status is chosen.
+            first = await spout.next()
+        except BaseException:
+            spout.stop()
+            end()
+            raise
+        media = b"text/csv; charset=utf-8" if fmt == "csv" else b"application/x-ndjson"
+        name = b'attachment; filename="%s-%s.%s"' % (batch_id.encode(), what.encode(),
+                                                    fmt.encode())
+        return 200, Streamed(first, spout, [(b"content-type", media),
+                                            (b"content-disposition", name)], end), []
 
     async def _stats(self, request: Request) -> tuple[int, bytes, list]:
         if not request.access.admin:  # counters would tell one client of the others' traffic
@@ -474,6 +634,30 @@ class HttpApi:
 
     async def _upload(self, request: Request) -> tuple[int, bytes | None, list]:
         alloc = self._need_allocator()
+        result = await self._receive_upload(request, lambda boundary: Upload(
+            alloc.dsn, boundary, run=self._in_upload_thread,
+            only_client=request.access.client_id))
+        if result is None:
+            return 400, None, []  # the client went away
+        log.info("HTTP upload: batch %s, %d codes", result.batch_id, result.imported)
+        return 200, _encode({"message": "Codes uploaded successfully",
+                             "batch_id": str(result.batch_id),
+                             "imported": result.imported}), []
+
+    async def _top_up(self, request: Request) -> tuple[int, bytes | None, list]:
+        alloc = self._need_allocator()
+        batch_id = self._batch_to_change(request)
+        result = await self._receive_upload(request, lambda boundary: TopUp(
+            alloc.dsn, boundary, batch_id, run=self._in_upload_thread))
+        if result is None:
+            return 400, None, []
+        log.info("HTTP top-up: batch %s, %d codes added", batch_id, result.imported)
+        return 200, _encode({"batch_id": batch_id, "imported": result.imported}), []
+
+    async def _receive_upload(self, request: Request,
+                              make: Callable[[bytes], Upload]) -> ImportResult | None:
+        """Stream a multipart body into ``make(boundary)``; its import's result (None:
+        the client went away). Uploads and top-ups share the limits."""
         media, options = parse_options_header(request.headers.get(b"content-type", b""))
         if media != b"multipart/form-data" or not options.get(b"boundary"):
             raise HttpError(415, "unsupported_media_type",
@@ -485,15 +669,14 @@ class HttpApi:
         if self._uploads >= self.limits.max_uploads:
             raise Unavailable(f"{self._uploads} uploads are being imported; retry later")
         self._uploads += 1
-        upload = Upload(alloc.dsn, options[b"boundary"], run=self._in_upload_thread,
-                        only_client=request.access.client_id)
+        upload = make(options[b"boundary"])
         try:
             size = 0
             while True:
                 message = await request.receive()
                 if message["type"] == "http.disconnect":
                     await upload.abort(ConnectionError("the client went away"))
-                    return 400, None, []
+                    return None
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
@@ -514,10 +697,7 @@ class HttpApi:
             upload.close()
         if self.metrics is not None:
             self.metrics.import_rows(result.imported)
-        log.info("HTTP upload: batch %s, %d codes", result.batch_id, result.imported)
-        return 200, _encode({"message": "Codes uploaded successfully",
-                             "batch_id": str(result.batch_id),
-                             "imported": result.imported}), []
+        return result
 
     async def _in_upload_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(
@@ -551,12 +731,13 @@ class HttpApi:
     def stats(self) -> dict[str, Any]:
         """The HTTP API's own counters."""
         return {"requests": self.requests, "connections": self.connections,
-                "uploads_in_progress": self._uploads,
+                "uploads_in_progress": self._uploads, "exports_in_progress": self._exports,
                 "responses": {str(k): v for k, v in sorted(self.responses.items())}}
 
     def close(self) -> None:
         """Release the upload threads (after the server has stopped)."""
         self._upload_pool.shutdown(wait=False, cancel_futures=True)
+        self._export_pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Cached:

@@ -29,15 +29,15 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ango.errors import AngoError
-from ango.importer import ImportResult, import_codes, parse_uuid
+from ango.importer import ImportResult, import_codes, parse_uuid, top_up
 
 #: Bytes of the file waiting for the importer at most (the pipe's bound).
 PIPE_BYTES = 1 << 20
-#: Largest text field (batch_name, rules, client_id).
+#: Largest text field (batch_name, rules, client_id, starts_at, expires_at).
 MAX_FIELD_BYTES = 64 * 1024
 #: The file's first bytes kept to find the client id of its first row.
 MAX_PREFIX_BYTES = 128 * 1024
-_FIELDS = ("batch_name", "rules", "client_id")
+_FIELDS = ("batch_name", "rules", "client_id", "starts_at", "expires_at")
 
 
 class UploadError(AngoError):
@@ -173,6 +173,9 @@ class Upload:
     :meth:`feed` then does it (awaiting the pipe) before parsing more.
     """
 
+    #: The form fields read (others are ignored).
+    wanted: tuple[str, ...] = _FIELDS
+
     def __init__(self, dsn: str, boundary: bytes, *,
                  run: Callable[..., Awaitable[Any]], only_client: str | None = None) -> None:
         self._dsn = dsn
@@ -182,6 +185,7 @@ class Upload:
         self.fields: dict[str, str] = {}
         self._part: _Part | None = None
         self._file_seen = False
+        self._streaming = False  # the file part began and goes straight to the import
         self._file_done = False
         self._prefix = bytearray()
         self._pipe: Pipe | None = None
@@ -216,6 +220,9 @@ class Upload:
 
     def _on_headers_finished(self) -> None:
         if self._part.name == "file":
+            # Decided here, in step with the parser: the file streams into the
+            # import unless fields it needs are still to come (then it is spooled).
+            self._streaming = not self._fields_pending()
             self._todo.append(("file_begin", self._part.filename))
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -224,7 +231,7 @@ class Upload:
             if self._file_done:
                 raise UploadError("more than one 'file' part")
             self._todo.append(("file_data", data[start:end]))
-        elif part.name in _FIELDS:
+        elif part.name in self.wanted:
             part.value.extend(data[start:end])
             if len(part.value) > MAX_FIELD_BYTES:
                 raise TooLarge(f"form field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes")
@@ -234,7 +241,11 @@ class Upload:
         if part.name == "file":
             self._file_done = True
             self._todo.append(("file_end", None))
-        elif part.name in _FIELDS:
+        elif part.name in self.wanted:
+            if self._streaming:
+                # The import has started with the fields it had: this one would be lost.
+                raise UploadError(f"form field {part.name!r} comes after the file; "
+                                  "send the form fields before the file")
             try:
                 self.fields[part.name] = part.value.decode("utf-8")
             except UnicodeDecodeError:
@@ -264,7 +275,7 @@ class Upload:
         self._file_seen = True
         if not filename or not filename.lower().endswith(".csv"):
             raise UploadError("File must be a CSV (its name must end in .csv)")
-        if "batch_name" not in self.fields:
+        if self._fields_pending():
             # The text fields come later: keep the file on disk until they have.
             self._spool = tempfile.TemporaryFile(prefix="ango-upload-")
 
@@ -293,9 +304,14 @@ class Upload:
         finally:
             pipe.stop_reading()
 
+    def _fields_pending(self) -> bool:
+        return "batch_name" not in self.fields
+
     def _import_codes(self, stream: BinaryIO, client: str) -> ImportResult:
-        return import_codes(self._dsn, stream, client, self.fields.get("batch_name", ""),
-                            self.fields.get("rules") or None)
+        fields = self.fields
+        return import_codes(self._dsn, stream, client, fields.get("batch_name", ""),
+                            fields.get("rules") or None, starts_at=fields.get("starts_at"),
+                            expires_at=fields.get("expires_at"))
 
     def _client(self, prefix: bytes) -> str:
         client = self.fields.get("client_id") or client_of_first_row(prefix) or self._only_client
@@ -310,8 +326,8 @@ class Upload:
     async def _file_end(self) -> None:
         if self._spool is None and self._pipe is None:
             await self._start_streaming()  # a file of fewer than two lines
-        if self._pipe is not None:
-            self._pipe.end()
+        # The pipe ends with the body (finish): until then the import cannot
+        # commit, so a form field after the file still refuses it whole.
 
     def _check_fields(self) -> None:
         if not self._file_seen:
@@ -328,6 +344,8 @@ class Upload:
         self._check_fields()
         if not self._file_done:
             raise UploadError("the multipart body ended inside the file")
+        if self._pipe is not None:
+            self._pipe.end()
         if self._import is not None:
             return await self._import
         spool = self._spool
@@ -353,3 +371,33 @@ class Upload:
         if self._spool is not None:
             self._spool.close()
             self._spool = None
+
+
+class TopUp(Upload):
+    """``POST /api/v1/batches/{id}/codes``: the file's codes added to an existing batch
+    (``ango.importer.top_up``: the same checks as an import, all or nothing).
+
+    No form field but the file: the batch's client is the batch's own (a
+    ``client_id`` column, if any, must name it on every row), so the file
+    always streams, never spooled.
+    """
+
+    wanted = ()
+
+    def __init__(self, dsn: str, boundary: bytes, batch_id: str, *,
+                 run: Callable[..., Awaitable[Any]]) -> None:
+        super().__init__(dsn, boundary, run=run)
+        self._batch_id = batch_id
+
+    def _fields_pending(self) -> bool:
+        return False
+
+    def _client(self, prefix: bytes) -> str:
+        return ""  # top_up checks the file against the batch's client itself
+
+    def _import_codes(self, stream: BinaryIO, client: str) -> ImportResult:
+        return top_up(self._dsn, stream, self._batch_id)
+
+    def _check_fields(self) -> None:
+        if not self._file_seen:
+            raise UploadError("No CSV file provided (form field 'file')")

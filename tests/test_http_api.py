@@ -8,6 +8,7 @@ in-process HTTP server on its own loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import socket
@@ -15,7 +16,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -431,20 +432,14 @@ class RecordingMetrics:
         return lambda *args: self.calls.append((name, *args))
 
 
-@pytest.fixture
-def limited() -> Iterator[tuple[int, RecordingMetrics]]:
-    """A noop HTTP API in a thread with short timeouts and small limits; (port, metrics)."""
-    metrics = RecordingMetrics()
-    limits = HttpLimits(header_timeout=0.5, body_timeout=0.5, max_header_bytes=2048,
-                        max_connections=3, auth_failure_delay=0.0)
+@contextlib.contextmanager
+def http_in_thread(make_api: Callable[[], HttpApi]) -> Iterator[int]:
+    """``make_api()`` (called in the server's loop) served in a thread; yields its port."""
     ready: Future = Future()
     stop: list = []
 
     async def main() -> None:
-        guard = ProtocolServer(None, token=TOKEN,
-                               limits=Limits(auth_failure_delay=0.2, auth_failure_max_delay=0.6))
-        server = HttpServer(HttpApi(None, token=TOKEN, limits=limits, metrics=metrics,
-                                    auth_guard=guard))
+        server = HttpServer(make_api())
         _, port = await server.start("127.0.0.1", 0)
         finished = asyncio.Event()
         stop.append((asyncio.get_running_loop(), finished))
@@ -456,10 +451,26 @@ def limited() -> Iterator[tuple[int, RecordingMetrics]]:
 
     thread = threading.Thread(target=lambda: uvloop.run(main()), daemon=True)
     thread.start()
-    yield ready.result(timeout=30), metrics
+    yield ready.result(timeout=30)
     loop, finished = stop[0]
     loop.call_soon_threadsafe(finished.set)
     thread.join(30)
+
+
+@pytest.fixture
+def limited() -> Iterator[tuple[int, RecordingMetrics]]:
+    """A noop HTTP API in a thread with short timeouts and small limits; (port, metrics)."""
+    metrics = RecordingMetrics()
+    limits = HttpLimits(header_timeout=0.5, body_timeout=0.5, max_header_bytes=2048,
+                        max_connections=3, auth_failure_delay=0.0)
+
+    def make_api() -> HttpApi:
+        guard = ProtocolServer(None, token=TOKEN,
+                               limits=Limits(auth_failure_delay=0.2, auth_failure_max_delay=0.6))
+        return HttpApi(None, token=TOKEN, limits=limits, metrics=metrics, auth_guard=guard)
+
+    with http_in_thread(make_api) as port:
+        yield port, metrics
 
 
 def _raw(port: int) -> socket.socket:
@@ -665,21 +676,30 @@ def test_a_response_written_in_pieces_leaves_in_one_write_per_loop_pass():
 OTHER_CLIENT = "0ddba110-0000-4000-8000-000000000002"
 
 
-def test_a_client_token_reaches_only_its_own_clients_batches_over_http(http, served_dsn):
+def client_token(http: httpx.Client, dsn: str, client: str = CLIENT_ID) -> tuple[str, dict]:
+    """A new client token (``ango token create``) the server accepts: its name and headers."""
     from ango.database import connect
-    from ango.tokens import create_token, revoke_token
-    from tests.helpers import make_batch
+    from ango.tokens import create_token
 
-    mine = new_batch(served_dsn, 5)  # CLIENT_ID's
-    theirs = make_batch(served_dsn, 5, client=OTHER_CLIENT)
     name = f"shop-{uuid.uuid4().hex[:6]}"
-    with connect(served_dsn, autocommit=True) as conn:
-        secret, _ = create_token(conn, CLIENT_ID, name)
+    with connect(dsn, autocommit=True) as conn:
+        secret, _ = create_token(conn, client, name)
     scoped = {"Authorization": f"Bearer {secret}"}
     deadline = time.monotonic() + 10  # the server reloads client tokens every second
     while http.get("/api/v1/batches", headers=scoped).status_code == 401:
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    return name, scoped
+
+
+def test_a_client_token_reaches_only_its_own_clients_batches_over_http(http, served_dsn):
+    from ango.database import connect
+    from ango.tokens import revoke_token
+    from tests.helpers import make_batch
+
+    mine = new_batch(served_dsn, 5)  # CLIENT_ID's
+    theirs = make_batch(served_dsn, 5, client=OTHER_CLIENT)
+    name, scoped = client_token(http, served_dsn)
 
     def claim(batch: str, client: str | None) -> httpx.Response:
         body = {"batchid": batch, "customerid": "c-1", **({"clientid": client} if client else {})}
