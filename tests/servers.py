@@ -153,6 +153,10 @@ class ServeProcess:
     def start(self, timeout: float = 120.0) -> ServeProcess:
         """Start and wait until it is ready; sets :attr:`port`."""
         cmd = [*ANGO, "serve", "--port", str(self.port), *self.args]
+        if not any(a in ("--http-port", "--no-http") for a in self.args):
+            # Any free port: the default (--port + 1) may be a client's ephemeral
+            # port by now when a test restarts a server on the same --port.
+            cmd += ["--http-port", "0"]
         env = dict(os.environ, **(self.env or {}))
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=env)
