@@ -144,3 +144,32 @@ def test_top_up_while_1000_claims_run_against_the_exhausted_batch(dsn, db):
     assert issued == 50 + len(codes) + 1
     with psycopg.connect(dsn) as conn:
         assert violations(conn) == []
+
+
+def test_a_lease_that_waited_for_a_committing_top_up_holds_its_new_codes(dsn, db):
+    """The lease statement waits for the cursor row while the top-up commits: it
+    then sees the new cursor but, in its older snapshot, not the new codes. Before
+    the fix the shard recorded the lease, held none of its codes and answered
+    exhausted with a code left (I7)."""
+    from ango.sql import queries
+
+    batch = make_batch(dsn, 1, prefix="one")
+    key = db.execute("SELECT key FROM ango.batches WHERE id = %s", (batch,)).fetchone()[0]
+
+    async def go():
+        async with ango.Allocator(dsn, shards=1) as alloc:
+            await alloc.claim(batch, "a")  # the only code: the cursor is spent
+            with psycopg.connect(dsn) as top:  # a top-up, held open until the lease waits
+                top.execute("INSERT INTO ango.codes (code, batch_key, seq) "
+                            "VALUES ('late-1', %s, 2)", (key,))
+                top.execute(queries["grow_batch"], {"added": 1, "key": key})
+                waiting = asyncio.ensure_future(alloc.claim(batch, "b"))
+                await asyncio.sleep(1.0)  # the shard's lease now waits for the cursor row
+                blocked = not waiting.done()
+                top.commit()
+            return blocked, await asyncio.wait_for(waiting, 30)
+
+    blocked, code = asyncio.run(go())
+    assert blocked and code == "late-1"
+    with psycopg.connect(dsn) as conn:
+        assert violations(conn) == []
