@@ -217,9 +217,7 @@ def import_cmd(file: Path, client_id: str | None, batch_name: str | None, into: 
 @_data_dir_option
 def batches(as_json: bool, dsn: str | None, data_dir: str | None) -> None:
     """List batches with their counts."""
-    found = database.ready_dsn(dsn, data_dir)
-    with database.connect(found, autocommit=True) as conn:
-        rows = batches_lib.list_batches(conn)
+    rows = _on_db(dsn, data_dir, batches_lib.list_batches)
     if as_json:
         click.echo(json.dumps([b.to_dict() for b in rows]))
         return
@@ -239,9 +237,7 @@ def batches(as_json: bool, dsn: str | None, data_dir: str | None) -> None:
 @_data_dir_option
 def expire(batch_id: str, dsn: str | None, data_dir: str | None) -> None:
     """Expire BATCH_ID: once this returns, no claim of it succeeds."""
-    found = database.ready_dsn(dsn, data_dir)
-    with database.connect(found, autocommit=True) as conn:
-        changed = batches_lib.expire_batch(conn, batch_id)
+    changed = _on_db(dsn, data_dir, batches_lib.expire_batch, batch_id)
     click.echo(f"expired {batch_id}" if changed else f"{batch_id} was already expired")
 
 
@@ -261,9 +257,7 @@ def token_create(client_id: str, name: str | None, as_json: bool, dsn: str | Non
     """Make a token for one client and print it: it is shown only this once."""
     from ango.tokens import create_token
 
-    found = database.ready_dsn(dsn, data_dir)
-    with database.connect(found, autocommit=True) as conn:
-        secret, info = create_token(conn, client_id, name)
+    secret, info = _on_db(dsn, data_dir, create_token, client_id, name)
     if as_json:
         click.echo(json.dumps({"token": secret, **info.to_dict()}))
         return
@@ -280,9 +274,7 @@ def token_list(as_json: bool, dsn: str | None, data_dir: str | None) -> None:
     """List client tokens, live and revoked (never the tokens themselves)."""
     from ango.tokens import list_tokens
 
-    found = database.ready_dsn(dsn, data_dir)
-    with database.connect(found, autocommit=True) as conn:
-        rows = list_tokens(conn)
+    rows = _on_db(dsn, data_dir, list_tokens)
     if as_json:
         click.echo(json.dumps([t.to_dict() for t in rows]))
         return
@@ -300,9 +292,7 @@ def token_revoke(name: str, dsn: str | None, data_dir: str | None) -> None:
     closed within seconds."""
     from ango.tokens import revoke_token
 
-    found = database.ready_dsn(dsn, data_dir)
-    with database.connect(found, autocommit=True) as conn:
-        revoke_token(conn, name)
+    _on_db(dsn, data_dir, revoke_token, name)
     click.echo(f"revoked {name}")
 
 
