@@ -69,11 +69,12 @@ class DatabaseWatch:
             await asyncio.sleep(self.every)
             await self.check()
 
-    async def check(self) -> str | None:
-        """Ask PostgreSQL now (within ``timeout``); None if it answered, else why not."""
+    async def check(self, timeout: float | None = None) -> str | None:
+        """Ask PostgreSQL now (within ``timeout``, else the watch's own); None if it
+        answered, else why not."""
         async with self._lock:
             try:
-                await asyncio.wait_for(self._ping(), self.timeout)
+                await asyncio.wait_for(self._ping(), timeout or self.timeout)
             except (psycopg.Error, OSError, TimeoutError) as exc:
                 await self._drop()
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else (

@@ -31,7 +31,6 @@ import msgspec
 import psycopg
 from python_multipart.multipart import parse_options_header
 
-from ango import database
 from ango.errors import (
     AngoError,
     AuthenticationFailed,
@@ -706,21 +705,14 @@ class HttpApi:
     # --- probes and counters ----------------------------------------------------------
 
     async def database_reachable(self) -> bool:
-        """True when PostgreSQL answers with Ango's schema (probed at most once a second)."""
+        """True when PostgreSQL answers (probed at most once a second)."""
         if self.allocator is None:
             return True
         return await self._database.get()
 
     async def _check_database(self) -> bool:
-        loop = asyncio.get_running_loop()
-        timeout = self.limits.probe_timeout
-        try:
-            await asyncio.wait_for(loop.run_in_executor(
-                None, _probe_database, self.allocator.dsn, max(2, int(timeout))), timeout)
-            return True
-        except Exception as exc:  # noqa: BLE001 - any failure means "unreachable"
-            log.debug("database probe failed: %s", exc)
-            return False
+        # On the allocator's database watch and its one connection: a probe opens none.
+        return await self.allocator.database.check(self.limits.probe_timeout) is None
 
     async def _shards_alive(self) -> tuple[int, int]:
         if self.allocator is None:
@@ -767,10 +759,6 @@ class Cached:
         finally:
             self._running = None
 
-
-def _probe_database(dsn: str, timeout: int) -> None:
-    with database.connect(dsn, connect_timeout=timeout, autocommit=True) as conn:
-        database.partition_count(conn)
 
 
 def _batch_id(text: str) -> Any:
