@@ -141,8 +141,10 @@ class ServeProcess:
     READY = re.compile(r"serving on [^:]+:(\d+)")
     HTTP_READY = re.compile(r"HTTP API on http://[^ ]+:(\d+)")
 
-    def __init__(self, *args: str, port: int = 0, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, port: int = 0, env: dict[str, str] | None = None,
+                 command: list[str] | None = None) -> None:
         self.args = list(args)
+        self.command = command or ANGO
         self.port = port
         self.http_port: int | None = None  # the HTTP API's, once started (unless --no-http)
         self.env = env
@@ -152,7 +154,7 @@ class ServeProcess:
 
     def start(self, timeout: float = 120.0) -> ServeProcess:
         """Start and wait until it is ready; sets :attr:`port`."""
-        cmd = [*ANGO, "serve", "--port", str(self.port), *self.args]
+        cmd = [*self.command, "serve", "--port", str(self.port), *self.args]
         if not any(a in ("--http-port", "--no-http") for a in self.args):
             # Any free port: the default (--port + 1) may be a client's ephemeral
             # port by now when a test restarts a server on the same --port.

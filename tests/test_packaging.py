@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import ast
 import configparser
-import os
 import re
-import select
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from tests.servers import ServeProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Import names that differ from their distribution's name.
@@ -86,19 +84,8 @@ def test_the_clients_import_without_uvloop():
 
 
 def test_serve_runs_on_asyncio_without_uvloop():
-    code = NO_UVLOOP + "from ango.cli import main; main()"
-    env = dict(os.environ, ANGO_TOKEN="t" * 32, ANGO_LOG_LEVEL="info", ANGO_LOG_FORMAT="text")
-    proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--noop", "--port", "0"],
-                            stderr=subprocess.PIPE, text=True, env=env)
-    seen: list[str] = []
-    try:
-        deadline = time.monotonic() + 60
-        while not any("serving on" in line for line in seen):
-            ready, _, _ = select.select([proc.stderr], [], [], 1.0)
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)
-            if ready:
-                seen.append(proc.stderr.readline())
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        rest = proc.communicate(timeout=30)[1]
-    assert proc.returncode == 0, rest
+    env = {"ANGO_TOKEN": "t" * 32, "ANGO_LOG_LEVEL": "info", "ANGO_LOG_FORMAT": "text"}
+    serve = [sys.executable, "-c", NO_UVLOOP + "from ango.cli import main; main()"]
+    server = ServeProcess("--noop", env=env, command=serve)
+    server.start(timeout=60)
+    assert server.stop() == 0, server.stderr
