@@ -93,6 +93,7 @@ class GroupCommit:
     # -- prepare ------------------------------------------------------------------
 
     async def load_batches(self, batch_ids: set[str]) -> None:
+        """(Re-)read what the shard knows of these batches (ids not UUIDs are skipped)."""
         valid = []
         for bid in batch_ids:
             try:
@@ -118,6 +119,7 @@ class GroupCommit:
             self.counters.forget_batch(meta.key)
 
     async def load_customers(self) -> None:
+        """Load the rule counters of customers whose counter was missing or stale."""
         keys = list(self.needs_load)
         self.needs_load.clear()
         rows = await self.control.customer_slots(keys)
@@ -209,6 +211,7 @@ class GroupCommit:
         return issuing, verify
 
     def release_slot(self, p: Pending, issued_at: float | None = None) -> None:
+        """End the claim's slot reservation (``issued_at``: the claim took the slot)."""
         if p.slot is not None:
             self.counters.release((p.meta.key, p.customer_id), p.slot, issued_at)
             p.slot = None
@@ -360,6 +363,7 @@ class GroupCommit:
                 outcome[p.tag] = (None, error)
 
     def replay(self, p: Pending, found: tuple[str, str]) -> tuple[str | None, AngoError | None]:
+        """The answer to a retried request id: its recorded code, if it is this customer's."""
         code, customer = found
         if customer != p.customer_id:
             return None, InvalidInput(f"request id {p.request_id!r} was already used by "
