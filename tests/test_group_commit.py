@@ -253,3 +253,33 @@ def test_a_code_issued_elsewhere_is_not_issued_again_and_its_claim_takes_another
     assert issues(dsn, batch) == {elsewhere[0]: ("cat", theirs.request_id),
                                   first[0]: ("ann", mine[0].request_id)}
     assert_clean(dsn)
+
+
+def test_a_group_commit_that_fails_leaves_no_code_in_flight(dsn):
+    """A commit that raises (its connection gone) no longer counts its codes as in flight.
+
+    Otherwise the batch could never be told exhausted (I7 waits for codes in flight).
+    """
+    batch = make_batch(dsn, 10)
+    group = [claim(batch, f"customer-{i}") for i in range(3)]
+
+    async def go():
+        owner = await Owner(dsn).open()
+        try:
+            issuing, verify = await owner.prepare(group)
+            in_flight = sum(owner.group_commit.codes_in_flight.values())
+            await owner.store.commits[0].conn.close()
+            try:
+                await owner.commit(issuing, verify)
+            except psycopg.OperationalError:
+                pass
+            else:
+                raise AssertionError("a commit on a closed connection returned")
+            return in_flight, sum(owner.group_commit.codes_in_flight.values())
+        finally:
+            await owner.close()
+
+    before, after = run(go())
+    assert (before, after) == (3, 0)
+    assert issues(dsn, batch) == {}
+    assert_clean(dsn)

@@ -80,11 +80,6 @@ class GroupCommit:
         if p.meta is not None and p.code is not None:
             self.pool.put_back(p.meta.key, p.code, p.lease)
 
-    def abandon(self, issuing: list[Pending]) -> None:
-        """A group commit that did not return: its codes are no longer in flight."""
-        for p in issuing:
-            self.codes_in_flight[p.meta.key] -= 1
-
     def take_parked(self) -> list[Pending]:
         """The claims parked until a group in flight finished (and none are left parked)."""
         parked, self.parked = self.parked, []
@@ -243,58 +238,62 @@ class GroupCommit:
         Claims are answered only after it returns, that is after COMMIT (I2).
         Misses are explained afterwards by reads of committed state.
         """
-        issued: dict[str, float] = {}
-        taken: set[str] = set()
-        if issuing:
-            spent, self.spent_leases = self.spent_leases, []
-            params = {
-                "spent": "\n".join(map(str, spent)),
-                "batch_keys": list({p.meta.key for p in issuing}),
-                "codes": "\n".join([p.code for p in issuing]),
-                "bkeys": "\n".join([str(p.meta.key) for p in issuing]),
-                "customers": "\n".join([p.customer_id for p in issuing]),
-                "requests": "\n".join([p.request_id for p in issuing]),
-                "leases": "\n".join([str(p.lease) for p in issuing]),
-                "slots": "\n".join(["" if p.slot is None or p.meta.window is not None
-                                     else str(p.slot) for p in issuing]),
-                "window_slots": "\n".join(["" if p.slot is None or p.meta.window is None
-                                            else str(p.slot) for p in issuing]),
-                "me": self.owner,
-            }
-            try:
-                issued, taken = await db.issue_group(params)
-            except BaseException:
-                self.spent_leases[:0] = spent
-                raise
-        missed = [p for p in issuing if p.code not in issued]
-        outcome: dict[int, tuple[str | None, AngoError | None]] = {}
-        retry: list[Pending] = []
-        if missed or verify:
-            await self.explain(db, missed, verify, taken, outcome, retry)
-        for p in issuing:
-            self.codes_in_flight[p.meta.key] -= 1
-        for p in issuing:
-            at = issued.get(p.code)
-            if at is not None:
-                self.release_slot(p, at)
-                if self.pool.spent(p.lease):
-                    self.spent_leases.append(p.lease)
-                self.answer(p, p.code)
-                continue
-            self.release_slot(p)
-            result = outcome.get(p.tag)
-            if result is not None:
-                self.answer(p, result[0], result[1])
-        for p, _ in verify:
-            code, error = outcome[p.tag]
-            self.answer(p, code, error)
-        for p in retry:
-            p.code = None
-            p.attempts += 1
-            if p.attempts >= MAX_ATTEMPTS:
-                self.answer(p, None, Unavailable("claim kept conflicting; retry"))
-            else:
-                self.parked.append(p)
+        try:
+            issued: dict[str, float] = {}
+            taken: set[str] = set()
+            if issuing:
+                spent, self.spent_leases = self.spent_leases, []
+                params = {
+                    "spent": "\n".join(map(str, spent)),
+                    "batch_keys": list({p.meta.key for p in issuing}),
+                    "codes": "\n".join([p.code for p in issuing]),
+                    "bkeys": "\n".join([str(p.meta.key) for p in issuing]),
+                    "customers": "\n".join([p.customer_id for p in issuing]),
+                    "requests": "\n".join([p.request_id for p in issuing]),
+                    "leases": "\n".join([str(p.lease) for p in issuing]),
+                    "slots": "\n".join(["" if p.slot is None or p.meta.window is not None
+                                         else str(p.slot) for p in issuing]),
+                    "window_slots": "\n".join(["" if p.slot is None or p.meta.window is None
+                                                else str(p.slot) for p in issuing]),
+                    "me": self.owner,
+                }
+                try:
+                    issued, taken = await db.issue_group(params)
+                except BaseException:
+                    self.spent_leases[:0] = spent
+                    raise
+            missed = [p for p in issuing if p.code not in issued]
+            outcome: dict[int, tuple[str | None, AngoError | None]] = {}
+            retry: list[Pending] = []
+            if missed or verify:
+                await self.explain(db, missed, verify, taken, outcome, retry)
+            for p in issuing:
+                at = issued.get(p.code)
+                if at is not None:
+                    self.release_slot(p, at)
+                    if self.pool.spent(p.lease):
+                        self.spent_leases.append(p.lease)
+                    self.answer(p, p.code)
+                    continue
+                self.release_slot(p)
+                result = outcome.get(p.tag)
+                if result is not None:
+                    self.answer(p, result[0], result[1])
+            for p, _ in verify:
+                code, error = outcome[p.tag]
+                self.answer(p, code, error)
+            for p in retry:
+                p.code = None
+                p.attempts += 1
+                if p.attempts >= MAX_ATTEMPTS:
+                    self.answer(p, None, Unavailable("claim kept conflicting; retry"))
+                else:
+                    self.parked.append(p)
+        finally:
+            # Returned or raised, this group's codes are no longer in flight (I7:
+            # "exhausted" waits for them).
+            for p in issuing:
+                self.codes_in_flight[p.meta.key] -= 1
 
     async def explain(self, db: ShardConnection, missed: list[Pending],
                       verify: list[tuple[Pending, AngoError]], taken: set[str], outcome: dict,

@@ -197,7 +197,6 @@ class Shard:
                 self.group_reports.append((len(issuing), time.monotonic() - started))
         except psycopg.OperationalError as exc:
             log.info("shard %s: database error, retrying: %s", self.index, exc)
-            self.group_commit.abandon(issuing)
             self.requeue(group)
             await db.reconnect(self.flush)
         except Exception:
@@ -223,8 +222,14 @@ class Shard:
             self.wake.set()
 
     def fail(self, group: list[Pending]) -> None:
+        """After a bug: answer the group as retryable, codes and rule slots given back.
+
+        Whether its statement committed is unknown; PostgreSQL refuses a code or
+        slot that was in fact taken, and the retry is told its recorded code.
+        """
         for p in group:
             self.group_commit.put_back(p)
+            self.group_commit.release_slot(p)
             self.answer(p, None, Unavailable("internal error; retry"))
         self.flush()
 
