@@ -6,10 +6,14 @@ The schemas are kubernetes-validate's, shipped in the package (no network).
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import urllib.request
 from collections.abc import Iterator
 from inspect import signature
 from pathlib import Path, PurePosixPath
@@ -18,11 +22,14 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from psycopg.conninfo import conninfo_to_dict
 
+import ango
 from ango.cli import serve
 from ango.shards.supervisor import ShardHandle
 from server.http_api import HttpLimits
 from server.limits import Limits
+from tests.servers import TOKEN, ServeProcess, issued, new_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "k8s"
@@ -219,6 +226,50 @@ def test_an_unfilled_secret_stops_the_server_with_a_clear_error(tmp_path):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and f"the DSN file {dsn} (ANGO_DSN_FILE) is empty" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(not (hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("unshare")
+                         and shutil.which("setpriv")),
+                    reason="needs root, unshare and setpriv to run the server as the pod does")
+def test_the_server_runs_as_the_pods_user_on_a_read_only_root_without_a_home(dsn):
+    """As in the pod: the image's user (no home), the root filesystem read-only (here in
+    a private mount namespace), token and DSN as root-owned files of the pod's group."""
+    uid, gid = POD["securityContext"]["runAsUser"], POD["securityContext"]["runAsGroup"]
+    socket_dir = conninfo_to_dict(dsn).get("host", "")
+    if socket_dir.startswith("/"):  # the embedded server's socket: only its own user gets in
+        uid, gid = Path(socket_dir).stat().st_uid, Path(socket_dir).stat().st_gid
+    assert uid != 0 and gid != 0
+    secrets = Path(tempfile.mkdtemp(prefix="ango-pod-"))
+    try:
+        secrets.chmod(0o755)
+        for name, text in (("token", TOKEN), ("dsn", dsn)):
+            (secrets / name).write_text(text + "\n")
+            os.chown(secrets / name, 0, gid)
+            (secrets / name).chmod(VOLUMES["credentials"]["secret"]["defaultMode"])
+        environment = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent",
+                       "ANGO_TOKEN_FILE": str(secrets / "token"),
+                       "ANGO_DSN_FILE": str(secrets / "dsn")}
+        pod = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount -o remount,bind,ro / && cd / && exec "$@"', "sh",
+               "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+               "env", "-i", *(f"{k}={v}" for k, v in environment.items()),
+               sys.executable, "-c", "from ango.cli import main; main()"]
+        proc = ServeProcess("--host", "0.0.0.0", "--http-host", "0.0.0.0", "--shards", "1",
+                            command=pod).start()
+        try:
+            status = (Path("/proc") / str(proc.proc.pid) / "status").read_text()
+            assert re.search(rf"^Uid:\s+{uid}\s", status, re.M)
+            with urllib.request.urlopen(f"http://127.0.0.1:{proc.http_port}/readyz") as ready:
+                assert json.load(ready)["ready"] is True
+            batch = new_batch(dsn, 3)
+            with ango.Client(port=proc.port, token=TOKEN) as client:
+                code = client.claim(batch, "customer-1", request_id="pod-1")
+            assert [code] == [c for c, _, _ in issued(dsn)]
+        finally:
+            assert proc.stop() == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+    finally:
+        shutil.rmtree(secrets)
 
 
 def test_every_ango_setting_in_the_manifests_is_one_ango_reads():
