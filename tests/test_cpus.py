@@ -7,6 +7,8 @@ cgroup filesystem) under a temporary root and reads them with ``ango.cpus``.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,24 @@ def test_available_is_the_quota_rounded_down_within_the_cores(tmp_path, cpu_max,
 
 def test_allocator_defaults_to_one_shard_per_available_cpu():
     assert Allocator("postgresql://unused").shard_count == cpus.available()
+
+
+V1_CPU = Path("/sys/fs/cgroup/cpu")
+
+
+@pytest.mark.skipif(not (V1_CPU / "cpu.cfs_quota_us").exists() or not os.access(V1_CPU, os.W_OK),
+                    reason="needs a writable cgroup v1 cpu hierarchy (root)")
+def test_a_process_in_a_real_cgroup_with_a_one_cpu_quota_gets_one():
+    group = V1_CPU / f"ango-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_quota_us").write_text("100000\n")  # 100 ms per 100 ms period
+        # The child moves itself into the cgroup, then reads its quota as Ango does.
+        done = subprocess.run(
+            ["sh", "-c", 'echo $$ > "$1/cgroup.procs" && exec "$2" -c "$3"', "sh", str(group),
+             sys.executable, "from ango import cpus; print(cpus.quota(), cpus.available())"],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["1.0", "1"]
+    finally:
+        group.rmdir()
