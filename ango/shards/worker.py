@@ -109,7 +109,6 @@ class Shard:
         self.wake = asyncio.Event()
         self.results: list[m.Result] = []
         self.link: m.FramedProtocol | None = None
-        self.encoder = msgspec.msgpack.Encoder()
         self.stopping = False
         self.needs_load: set[tuple[int, str]] = set()
         self.spent_leases: list[int] = []  # used up; deleted with the next group
@@ -184,7 +183,7 @@ class Shard:
 
     def send(self, message: m.FromShard) -> None:
         if self.link is not None:
-            self.link.send(message, self.encoder)
+            self.link.send(message)
 
     def answer(self, p: Pending, code: str | None, error: AngoError | None = None) -> None:
         if error is None:
