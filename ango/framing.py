@@ -24,11 +24,13 @@ HEADER_SIZE = 4
 HEADER = struct.Struct(">I")
 #: ``unpack_header(buffer, offset) -> (length,)``.
 unpack_header = HEADER.unpack_from
+_pack_header = HEADER.pack_into
 
 #: Bytes a writer holds before it writes without waiting for its flush.
 WRITE_LIMIT = 256 * 1024
 
 _encoder = msgspec.msgpack.Encoder()
+_encode_into = _encoder.encode_into
 
 
 class FrameError(Exception):
@@ -44,10 +46,10 @@ class FrameTooLarge(FrameError):
         self.max_frame = max_frame
 
 
-def encode_frame(message: Any, encoder: msgspec.msgpack.Encoder = _encoder) -> bytes:
+def encode_frame(message: Any) -> bytes:
     """``message`` as one length-prefixed frame (for a single write; see FrameWriter)."""
     buffer = bytearray()
-    encoder.encode_into(message, buffer, HEADER_SIZE)
+    _encode_into(message, buffer, HEADER_SIZE)
     HEADER.pack_into(buffer, 0, len(buffer) - HEADER_SIZE)
     return bytes(buffer)
 
@@ -134,17 +136,16 @@ class FrameWriter:
     is above ``max_frame`` raises :class:`FrameTooLarge` and is left out.
     """
 
-    __slots__ = ("max_frame", "limit", "_out", "_write", "_schedule", "_encode_into")
+    __slots__ = ("max_frame", "limit", "_out", "_write", "_schedule")
 
     def __init__(self, write: Callable[[bytearray], object],
                  schedule: Callable[[], object] | None, *, max_frame: int,
-                 limit: int = WRITE_LIMIT, encoder: msgspec.msgpack.Encoder = _encoder) -> None:
+                 limit: int = WRITE_LIMIT) -> None:
         self.max_frame = max_frame
         self.limit = limit
         self._out = bytearray()
         self._write = write
         self._schedule = schedule
-        self._encode_into = encoder.encode_into
 
     def __len__(self) -> int:
         """Bytes waiting to be written."""
@@ -155,16 +156,19 @@ class FrameWriter:
         out = self._out
         start = len(out)
         # encode_into writes at the offset and resizes the buffer to fit.
-        self._encode_into(message, out, start + HEADER_SIZE)
+        _encode_into(message, out, start + HEADER_SIZE)
         size = len(out) - start - HEADER_SIZE
         if size > self.max_frame:
             del out[start:]
             raise FrameTooLarge(size, self.max_frame)
-        HEADER.pack_into(out, start, size)
-        if self._schedule is None or len(out) >= self.limit:
-            self.flush()
-        elif not start:
+        _pack_header(out, start, size)
+        if start:
+            if start >= self.limit:
+                self.flush()
+        elif self._schedule is not None:
             self._schedule()
+        else:
+            self.flush()
 
     def flush(self) -> None:
         """Write every frame waiting, in one piece."""
