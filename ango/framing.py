@@ -163,7 +163,7 @@ class FrameWriter:
             raise FrameTooLarge(size, self.max_frame)
         _pack_header(out, start, size)
         if start:
-            if start >= self.limit:
+            if len(out) >= self.limit:
                 self.flush()
         elif self._schedule is not None:
             self._schedule()

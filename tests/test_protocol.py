@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ango.errors import ERRORS_BY_CODE
-from ango.framing import FrameReader, FrameTooLarge, encode_frame
+from ango.framing import encode_frame
 from ango.protocol import (
     MAX_FRAME,
     PROTOCOL_VERSION,
@@ -112,38 +112,6 @@ def test_optional_fields_may_be_absent_and_unknown_fields_are_ignored():
     raw = msgspec.msgpack.encode({"type": "claim", "id": 9, "batch_id": "b", "customer_id": "c",
                                   "future_field": [1, 2]})
     assert request_decoder.decode(raw) == Claim(9, "b", "c", None, None)
-
-
-def test_frame_reader_yields_complete_frames_and_keeps_a_partial_one():
-    a, b, c = encode_frame(Ping(1)), encode_frame(Ping(2)), encode_frame(Ping(3))
-    reader = FrameReader(MAX_FRAME)
-    reader.feed(a + b[:5])
-    assert [request_decoder.decode(f) for f in reader.frames()] == [Ping(1)]
-    assert len(reader) == 5
-    for piece in (b[5:6], b[6:] + c[:1], c[1:]):  # a frame trickling in, byte by byte
-        reader.feed(piece)
-    assert [request_decoder.decode(f) for f in reader.frames()] == [Ping(2), Ping(3)]
-    assert len(reader) == 0
-
-
-def test_frame_reader_stops_where_its_caller_stopped_and_resumes_there():
-    reader = FrameReader(MAX_FRAME)
-    reader.feed(b"".join(encode_frame(Ping(i)) for i in range(3)))
-    for payload in reader.frames():
-        assert request_decoder.decode(payload) == Ping(0)
-        break  # e.g. paused: the rest waits
-    assert [request_decoder.decode(f) for f in reader.frames()] == [Ping(1), Ping(2)]
-
-
-def test_frame_reader_refuses_a_header_over_the_limit_after_the_frames_before_it():
-    reader = FrameReader(MAX_FRAME)
-    reader.feed(encode_frame(Ping(1)) + struct.pack(">I", MAX_FRAME + 1))
-    got = []
-    with pytest.raises(FrameTooLarge, match=f"frame of {MAX_FRAME + 1} bytes exceeds the "
-                                            f"maximum of {MAX_FRAME}"):
-        for payload in reader.frames():
-            got.append(request_decoder.decode(payload))
-    assert got == [Ping(1)]
 
 
 def test_salvage_id_finds_the_id_of_an_invalid_request_only():
