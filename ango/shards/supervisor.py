@@ -148,7 +148,7 @@ class ShardHandle:
         try:
             ready = await asyncio.wait_for(asyncio.shield(self.ready), READY_TIMEOUT_S)
         except (TimeoutError, ConnectionError) as exc:
-            self.process.kill()
+            self.kill()  # not process.kill(): it raises once the process has exited and been reaped
             raise Unavailable(
                 f"shard {self.index} did not start: {exc or 'no answer'} (each shard holds "
                 f"{connections_per_shard()} PostgreSQL connections; {self.count} shard(s) and the "
