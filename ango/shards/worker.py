@@ -63,7 +63,6 @@ class Shard:
         self.wake = asyncio.Event()
         self.results: list[m.Result] = []
         self.link: m.FramedProtocol | None = None
-        self.encoder = msgspec.msgpack.Encoder()
         self.stopping = False
         self.served = 0
         self.groups = 0
@@ -104,7 +103,7 @@ class Shard:
 
     def send(self, message: m.FromShard) -> None:
         if self.link is not None:
-            self.link.send(message, self.encoder)
+            self.link.send(message)
 
     def answer(self, p: Pending, code: str | None, error: AngoError | None = None) -> None:
         if error is None:
