@@ -33,9 +33,10 @@ _tags = itertools.count(1)
 class Owner:
     """A group commit with its store, registered as a shard's owner; answers collected."""
 
-    def __init__(self, dsn: str, count: int = 1) -> None:
+    def __init__(self, dsn: str, count: int = 1, ahead: bool = False) -> None:
         self.store = ShardStore(dsn, str(uuid.uuid4()), commits=1)
-        self.group_commit = GroupCommit(self.store.control, count, self.answer)
+        self.group_commit = GroupCommit(self.store.control, count, self.answer,
+                                        ahead=self.store.beat if ahead else None)
         self.answers: dict[int, tuple[str | None, AngoError | None]] = {}
 
     def answer(self, p: Pending, code: str | None, error: AngoError | None = None) -> None:
@@ -283,3 +284,42 @@ def test_a_group_commit_that_fails_leaves_no_code_in_flight(dsn):
     assert (before, after) == (3, 0)
     assert issues(dsn, batch) == {}
     assert_clean(dsn)
+
+
+def test_the_next_lease_is_fetched_ahead_and_the_last_codes_are_still_all_issued(dsn):
+    """Codes running low: the next block is leased off the claim path; the batch is
+    told exhausted only once every code is issued (I7), never while a lease is on its way."""
+    batch = make_batch(dsn, 300)
+
+    async def go():
+        owner = await Owner(dsn, ahead=True).open()
+        try:
+            [first] = await owner.decide([claim(batch, "c-0")])
+            after_first = owner.group_commit.pool.held(first_key(owner))
+            await owner.group_commit.stop_prefetching()
+            ahead = owner.group_commit.pool.held(first_key(owner))
+            tags = []
+            for n in range(1, 320, 40):
+                group = [claim(batch, f"c-{i}") for i in range(n, n + 40)]
+                tags += [p.tag for p in group]
+                await owner.decide(group)
+                while owner.group_commit.parked:  # decided again, as the loop does
+                    await owner.group_commit.stop_prefetching()
+                    await owner.decide(owner.group_commit.take_parked())
+            return after_first, ahead, [first] + [owner.answers[tag] for tag in tags]
+        finally:
+            await owner.close()
+
+    after_first, ahead, answers = run(go())
+    assert ahead > after_first  # a second block held without a claim asking for it
+    codes = [code for code, error in answers if error is None]
+    refused = [error for code, error in answers if error is not None]
+    assert len(codes) == len(set(codes)) == 300
+    assert refused and all(isinstance(e, BatchExhausted) for e in refused)
+    assert len(issues(dsn, batch)) == 300
+    assert_clean(dsn)
+
+
+def first_key(owner: Owner) -> int:
+    [meta] = owner.group_commit.batches.values()
+    return meta.key

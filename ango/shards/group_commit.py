@@ -12,10 +12,14 @@ this object holds the codes (``CodePool``) and rule counters they need.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from collections import Counter
 from typing import Protocol
+
+import psycopg
 
 from ango.errors import (
     AngoError,
@@ -33,7 +37,11 @@ from ango.shards.counters import FULL, WAIT, CustomerCounters
 from ango.shards.pool import CodePool
 from ango.shards.store import ShardConnection
 
+log = logging.getLogger("ango.shard")
+
 MAX_BLOCK = 8192          # codes per lease, at most
+LOW_WATER = MAX_BLOCK // 2  # codes held below which the next lease is fetched ahead
+PREFETCH_PAUSE_S = 1.0    # after a lease ahead found the cursor at its end
 MAX_ATTEMPTS = 8          # a claim retried more often than this answers Unavailable
 META_REFRESH_S = 1.0      # batch rules and expiry are re-read this often (issue 14)
 
@@ -47,8 +55,14 @@ class Answer(Protocol):
 class GroupCommit:
     """Prepares, commits and explains groups of claims for one shard."""
 
-    def __init__(self, control: ShardConnection, count: int, answer: Answer) -> None:
+    def __init__(self, control: ShardConnection, count: int, answer: Answer,
+                 ahead: ShardConnection | None = None) -> None:
         self.control = control  # checks, leases, loads (group commits bring their own)
+        # Leases fetched ahead run here, off the claim path (the heartbeat's
+        # connection in a shard: idle but for one beat a second).
+        self.ahead = ahead
+        self.prefetching: dict[int, asyncio.Task[None]] = {}
+        self.prefetch_after: dict[int, float] = {}
         self.owner = control.owner
         self.count = count  # shards of the instance: leases near the end spread over them
         self.answer = answer
@@ -84,6 +98,41 @@ class GroupCommit:
         """The claims parked until a group in flight finished (and none are left parked)."""
         parked, self.parked = self.parked, []
         return parked
+
+    # -- leases fetched ahead ---------------------------------------------------------
+
+    def prefetch(self, batch_key: int) -> None:
+        """Lease the batch's next block in the background once its held codes run low.
+
+        A lease reads thousands of codes (milliseconds to tens of them on a cold
+        table): taken on the claim path it stalls every claim behind it.
+        """
+        if (self.ahead is None or batch_key in self.prefetching
+                or self.pool.held(batch_key) >= LOW_WATER
+                or time.monotonic() < self.prefetch_after.get(batch_key, 0.0)):
+            return
+        task = asyncio.create_task(self._prefetch(batch_key))
+        self.prefetching[batch_key] = task
+        task.add_done_callback(lambda _: self.prefetching.pop(batch_key, None))
+
+    async def _prefetch(self, batch_key: int) -> None:
+        try:
+            block = self.pool.next_block(batch_key, MAX_BLOCK)
+            leased = await self.ahead.lease_block(batch_key, block, 1, 2 * self.count)
+            if leased is None:  # the cursor is at its end: the claim path steals (I7)
+                self.prefetch_after[batch_key] = time.monotonic() + PREFETCH_PAUSE_S
+            elif len(leased.codes) == leased.size:
+                self.pool.add_lease(leased.lease_id, batch_key, leased.codes)
+            else:  # a top-up committed while we waited (see lease_block)
+                await self.load_leases(self.ahead, [leased.lease_id])
+        except psycopg.Error as exc:  # the claim path leases for itself meanwhile
+            log.info("lease ahead of batch %s failed: %s", batch_key, exc)
+            self.prefetch_after[batch_key] = time.monotonic() + PREFETCH_PAUSE_S
+
+    async def stop_prefetching(self) -> None:
+        """Wait for the leases being fetched ahead (their codes then held, or recovered)."""
+        if self.prefetching:
+            await asyncio.wait(list(self.prefetching.values()))
 
     # -- prepare ------------------------------------------------------------------
 
@@ -181,6 +230,9 @@ class GroupCommit:
             ready.append(p)
         need = Counter(p.meta.key for p in ready)
         for batch_key, wanted in need.items():
+            ahead = self.prefetching.get(batch_key)
+            if ahead is not None and self.pool.held(batch_key) < wanted:
+                await asyncio.shield(ahead)  # its block is on the way: wait, not lease twice
             short = wanted - self.pool.held(batch_key)
             if short > 0:
                 await self.lease(batch_key, short)
@@ -194,7 +246,8 @@ class GroupCommit:
                     others[p.meta.key] = await self.control.other_leases_exist(p.meta.key)
                 # A code in a group commit may yet come back (its claim refused):
                 # "exhausted" only once no code of the batch is held anywhere (I7).
-                if others[p.meta.key] or self.codes_in_flight[p.meta.key]:
+                if (others[p.meta.key] or self.codes_in_flight[p.meta.key]
+                        or p.meta.key in self.prefetching):
                     deferred.append(p)
                 else:
                     verify.append((p, BatchExhausted(f"batch {p.batch_id} has no code left")))
@@ -202,6 +255,8 @@ class GroupCommit:
             p.code, p.lease = got
             self.codes_in_flight[p.meta.key] += 1
             issuing.append(p)
+        for batch_key in need:
+            self.prefetch(batch_key)
         self.parked.extend(deferred)
         return issuing, verify
 

@@ -58,7 +58,8 @@ class Shard:
         self.parts = parts
         self.owner = str(uuid.uuid4())
         self.store = ShardStore(dsn, self.owner, GROUPS_IN_FLIGHT)
-        self.group_commit = GroupCommit(self.store.control, count, self.answer)
+        self.group_commit = GroupCommit(self.store.control, count, self.answer,
+                                        ahead=self.store.beat)
         self.pending: deque[Pending] = deque()
         self.wake = asyncio.Event()
         self.results: list[m.Result] = []
@@ -262,6 +263,10 @@ class Shard:
 
     async def close(self) -> None:
         """Clean shutdown: retire so our leases are adoptable at once."""
+        try:
+            await asyncio.wait_for(self.group_commit.stop_prefetching(), 5.0)
+        except TimeoutError:
+            pass  # its lease is recovered as any lease of a retired owner
         await self.store.close()
 
 
