@@ -25,7 +25,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -67,6 +67,9 @@ from ango.protocol import (
     response_decoder,
     unpack_header,
 )
+
+if TYPE_CHECKING:
+    from ango.cluster.client_routes import ClaimRoutes
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7878
@@ -579,13 +582,21 @@ class AsyncClient:
     Create it with ``await AsyncClient.connect(...)`` (or ``async with await
     AsyncClient.connect(...) as client``). ``token`` defaults to ``ANGO_TOKEN``,
     else the token file in the data directory; ``timeout`` bounds every call,
-    retries included; ``tls`` as for :class:`Client`.
+    retries included; ``tls`` as for :class:`Client`. ``cluster=True``: learn
+    which instance of a cluster owns each routing slot and send each claim
+    straight to it (see ango.cluster.client_routes); other calls go to
+    ``host:port``.
     """
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
                  timeout: float = 5.0, *, data_dir: str | None = None,
                  tls: bool | ssl.SSLContext | None = None,
-                 wait_for_server: bool = True) -> None:
+                 wait_for_server: bool = True, cluster: bool = False) -> None:
+        self._routes: ClaimRoutes | None = None
+        if cluster:
+            from ango.cluster.client_routes import ClaimRoutes
+
+            self._routes = ClaimRoutes(self)
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -601,12 +612,15 @@ class AsyncClient:
                       token: str | None = None, timeout: float = 5.0, *,
                       data_dir: str | None = None,
                       tls: bool | ssl.SSLContext | None = None,
-                      wait_for_server: bool = True) -> AsyncClient:
-        """A connected client (the handshake done, retried until ``timeout``)."""
+                      wait_for_server: bool = True, cluster: bool = False) -> AsyncClient:
+        """A connected client (the handshake done, retried until ``timeout``); with
+        ``cluster``, the partition map fetched too."""
         client = cls(host, port, token, timeout, data_dir=data_dir, tls=tls,
-                     wait_for_server=wait_for_server)
+                     wait_for_server=wait_for_server, cluster=cluster)
         loop = asyncio.get_running_loop()
         await client._connection(loop.time() + timeout)
+        if client._routes is not None:
+            await client._routes.refresh()
         return client
 
     # --- public API ----------------------------------------------------------------
@@ -621,6 +635,11 @@ class AsyncClient:
         """
         rid = request_id or new_request_id()
         try:
+            routes = self._routes
+            if routes is not None:
+                code = await routes.claim(batch_id, customer_id, client_id, rid)
+                if code is not None:
+                    return code
             conn = self._conn
             if conn is not None and not conn.closed:  # the hot path: no closure, no retry loop
                 loop = conn.loop
@@ -635,6 +654,8 @@ class AsyncClient:
                     pass  # retried below, with the same request id
                 else:
                     if type(resp) is Code:
+                        if resp.moved and routes is not None:
+                            routes.stale()
                         return resp.code
                     if type(resp) is not Error:
                         raise _unexpected(resp)
@@ -696,6 +717,8 @@ class AsyncClient:
     async def close(self) -> None:
         """Close the connection; the client cannot be used afterwards."""
         self._closed = True
+        if self._routes is not None:
+            await self._routes.close()
         if self._conn is not None:
             self._conn.close()
             self._conn = None

@@ -47,10 +47,12 @@ from ango.protocol import (
     Error,
     Expire,
     Expired,
+    GetPartitionMap,
     GetStats,
     Hello,
     ListBatches,
     Lookup,
+    PartitionMap,
     Ping,
     Pong,
     RulesSet,
@@ -338,6 +340,11 @@ class Connection(asyncio.Protocol):
                 self.send(Stats(msg.id, dict(server.stats(), metrics=server.metrics.summary())))
             else:
                 self._call(msg.id, server.metrics.stats(), self._stats_reply)
+        elif kind is GetPartitionMap:
+            found = getattr(alloc, "partition_map", None)
+            self.send(PartitionMap(msg.id, **(found() if found else
+                                             {"version": 0, "slots": 0, "hash": "",
+                                              "addresses": [], "owners": []})))
         elif kind is ListBatches:
             if alloc is None:
                 self.send(BatchList(msg.id, []))
@@ -427,14 +434,21 @@ class Connection(asyncio.Protocol):
             except AngoError as exc:
                 self.send(error_frame(msg.id, exc))
                 return
-        waiter = alloc.claim(
-            msg.batch_id, msg.customer_id, client_id=client_id, request_id=msg.request_id)
+        if msg.forwarded:  # from another instance: served here, never forwarded again
+            waiter = alloc.claim(msg.batch_id, msg.customer_id, client_id=client_id,
+                                 request_id=msg.request_id, forwarded=True)
+        else:
+            waiter = alloc.claim(
+                msg.batch_id, msg.customer_id, client_id=client_id, request_id=msg.request_id)
+        # Read right after the call (same loop pass): this instance does not own the slot.
+        moved = getattr(alloc, "last_claim_moved", False)
         if _iscoroutine(waiter):
             waiter = server.loop.create_task(waiter)
         self._started()
-        waiter.add_done_callback(partial(self._claim_done, msg.id, _clock()))
+        waiter.add_done_callback(partial(self._claim_done, msg.id, _clock(), moved))
 
-    def _claim_done(self, request_id: int, started: float, task: asyncio.Task) -> None:
+    def _claim_done(self, request_id: int, started: float, moved: bool,
+                    task: asyncio.Task) -> None:
         self._finished()
         metrics = self.server.metrics
         if task.cancelled():
@@ -445,7 +459,7 @@ class Connection(asyncio.Protocol):
         if exc is None:
             self.server.claims_served += 1
             metrics.observe_claim("ok", _clock() - started)
-            self.send(Code(request_id, task.result()))
+            self.send(Code(request_id, task.result(), moved))
         else:
             metrics.observe_claim(exc.code if isinstance(exc, AngoError) else AngoError.code,
                                   _clock() - started)

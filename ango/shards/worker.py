@@ -25,6 +25,7 @@ import msgspec
 import psycopg
 
 from ango.background import stop_task
+from ango.cluster.slots import slot_of
 from ango.errors import (
     AngoError,
     BatchExhausted,
@@ -178,9 +179,18 @@ class Shard:
             self.send(m.Pong(message.seq))
         elif isinstance(message, m.StatsRequest):
             self.send(m.StatsReply(message.tag_id, self.stats()))
+        elif isinstance(message, m.ForgetSlots):
+            self.forget_slots(set(message.slots), message.slot_count)
         elif isinstance(message, m.Shutdown):
             self.stopping = True
             self.wake.set()
+
+    def forget_slots(self, slots: set[int], slot_count: int) -> None:
+        """Drop the counters of customers whose routing slot is in ``slots``."""
+        batch_of = {meta.key: bid for bid, meta in self.batches.items()}
+        self.counters.forget_where(
+            lambda key: key[0] in batch_of and slot_of(batch_of[key[0]], key[1], slot_count)
+            in slots)
 
     def send(self, message: m.FromShard) -> None:
         if self.link is not None:
