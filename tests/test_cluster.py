@@ -1,0 +1,148 @@
+"""Three `ango serve` instances on one PostgreSQL, as a StatefulSet runs them (issue 13).
+
+Same configuration, names ango-0..2, distinct ports, one shard each. Claims go
+through all of them at once, from cluster-aware clients (straight to the slot's
+owner) and plain ones (to any instance, which forwards), each with a request id
+and retried with it. Then: kill -9 of one, its restart, a rolling restart, and
+an instance cut off from PostgreSQL (its connections go through a proxy that is
+cut), and one frozen by SIGSTOP (its sessions stay open: only its heartbeat
+stops). After each step every invariant is checked from PostgreSQL. The failover
+times are printed (run with -s to see them); nothing asserts on them.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+import ango
+from tests.cluster_harness import (
+    LIMIT,
+    Load,
+    PgProxy,
+    balanced,
+    check_invariants,
+    ownership,
+    wait_for,
+)
+from tests.servers import TOKEN, ServeProcess, new_batch
+
+pytestmark = pytest.mark.timeout(600)
+
+NAMES = ["ango-0", "ango-1", "ango-2"]
+
+
+def instance(index: int, dsn: str, port: int = 0) -> ServeProcess:
+    return ServeProcess("--dsn", dsn, "--shards", "1", "--instance-name", NAMES[index],
+                        port=port, env={"ANGO_TOKEN": TOKEN})
+
+
+def restart(proc: ServeProcess, index: int, dsn: str) -> ServeProcess:
+    again = instance(index, dsn, proc.port)
+    again.start()
+    return again
+
+
+def test_three_instances_share_slots_forward_claims_and_survive_failures(dsn):
+    proxy = PgProxy(dsn)  # ango-2 reaches PostgreSQL only through it
+    dsns = [dsn, dsn, proxy.dsn]
+    procs = [instance(i, dsns[i]).start() for i in range(3)]
+    times: dict[str, float] = {}
+    load = None
+    try:
+        times["join_balanced_s"] = wait_for(lambda: balanced(dsn, set(NAMES)), "balanced")
+        batch = new_batch(dsn, 200_000)
+        ruled = new_batch(dsn, 5_000, {"maxpercustomer": LIMIT})
+        load = Load([p.port for p in procs], TOKEN, batch, ruled).start()
+
+        def checkpoint(step: str) -> None:
+            load.pause()
+            check_invariants(dsn, load.tally, (batch, ruled))
+            assert load.tally.failures == [], f"{step}: {load.tally.failures[:5]}"
+            load.resume()
+
+        time.sleep(3)
+        checkpoint("steady")
+        forwarded = _forwarded(procs)
+        assert forwarded > 0, "plain clients' claims were never forwarded"
+
+        # kill -9: its slots move to the others.
+        killed = time.monotonic()
+        procs[1].kill()
+        times["kill9_slots_moved_s"] = wait_for(
+            lambda: ownership(dsn)[0].get("ango-1", 0) == 0 and None not in ownership(dsn)[0],
+            "slots of the killed instance taken", timeout=60)
+        times["kill9_balanced_s"] = wait_for(
+            lambda: balanced(dsn, {"ango-0", "ango-2"}), "rebalanced over two", timeout=60) + \
+            times["kill9_slots_moved_s"]
+        del killed
+        checkpoint("kill -9")
+
+        # Restart it: it gets its share back.
+        procs[1] = restart(procs[1], 1, dsns[1])
+        times["restart_balanced_s"] = wait_for(lambda: balanced(dsn, set(NAMES)),
+                                               "rebalanced over three", timeout=60)
+        checkpoint("restart")
+
+        # A frozen instance (SIGSTOP: its PostgreSQL sessions stay open): its heartbeat
+        # goes stale and the others take its slots; thawed, it gets its share back.
+        procs[1].proc.send_signal(signal.SIGSTOP)
+        try:
+            times["frozen_slots_moved_s"] = wait_for(
+                lambda: ownership(dsn)[0].get("ango-1", 0) == 0, "slots of the frozen one taken",
+                timeout=60)
+        finally:
+            procs[1].proc.send_signal(signal.SIGCONT)
+        times["thawed_balanced_s"] = wait_for(lambda: balanced(dsn, set(NAMES)),
+                                              "rebalanced after the thaw", timeout=60)
+        checkpoint("frozen and thawed")
+
+        # Rolling restart: SIGTERM one at a time; retrying clients see no failure.
+        for i in range(3):
+            assert procs[i].stop(signal.SIGTERM) == 0, procs[i].stderr
+            procs[i] = restart(procs[i], i, dsns[i])
+            wait_for(lambda: balanced(dsn, set(NAMES)), f"balanced after restarting {i}",
+                     timeout=60)
+        checkpoint("rolling restart")
+
+        # ango-2 cut off from PostgreSQL: the others take over its slots.
+        proxy.cut()
+        times["cut_slots_moved_s"] = wait_for(
+            lambda: ownership(dsn)[0].get("ango-2", 0) == 0 and None not in ownership(dsn)[0],
+            "slots of the cut instance taken", timeout=60)
+        time.sleep(5)  # claims keep reaching ango-2 (plain clients): it must stay correct
+        checkpoint("cut from PostgreSQL")
+        # What ango-2 answers now it serves through the others (it cannot commit itself).
+        load.pause()
+        with ango.Client("127.0.0.1", procs[2].port, TOKEN, timeout=30) as client:
+            for k in range(20):
+                rid, customer = f"cut-{k}", f"cut-customer-{k}"
+                load.tally.acked[rid] = (client.claim(batch, customer, request_id=rid), customer)
+            assert client.stats()["cluster"]["joined"] is False
+        checkpoint("claims answered by the cut instance")
+        tally = load.stop()
+        load = None
+        check_invariants(dsn, tally, (batch, ruled))
+        assert len(tally.acked) > 100, f"too few claims to mean anything: {len(tally.acked)}"
+        print(f"\ncluster failover: {json.dumps(times)}; claims acknowledged "
+              f"{len(tally.acked)}, refused by the rule {len(tally.refused)}, retries "
+              f"{tally.retries}, forwarded before the kill {forwarded}")
+    finally:
+        if load is not None:
+            load.stop()
+        for p in procs:
+            p.kill()
+        proxy.cut()
+
+
+def _forwarded(procs: list[ServeProcess]) -> int:
+    """Claims forwarded to a peer, summed over the instances' stats."""
+    total = 0
+    for p in procs:
+        with ango.Client("127.0.0.1", p.port, TOKEN) as client:
+            peers = client.stats()["cluster"]["peers"]
+        total += sum(peer["forwarded"] for peer in peers.values())
+    return total
