@@ -53,10 +53,12 @@ from ango.protocol import (
     Error,
     Expire,
     Expired,
+    GetPartitionMap,
     GetStats,
     Hello,
     ListBatches,
     Lookup,
+    PartitionMap,
     RulesSet,
     ScheduleSet,
     SetRules,
@@ -69,7 +71,7 @@ from ango.protocol import (
 )
 
 if TYPE_CHECKING:
-    from ango.cluster.client_routes import ClaimRoutes
+    from ango.cluster.client_routes import ClaimRoutes, SyncClaimRoutes
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7878
@@ -237,12 +239,15 @@ class Client:
     ``ssl.SSLContext`` is used as given (e.g. ``ssl.create_default_context(cafile=...)``).
     ``wait_for_server=False``: a refused first connection raises
     ServerUnreachable at once rather than being retried until ``timeout``.
+    ``cluster=True``: send each claim straight to the instance owning its
+    routing slot (see ango.cluster.client_routes); other calls go to ``host:port``.
     """
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
                  timeout: float = 5.0, *, data_dir: str | None = None,
                  tls: bool | ssl.SSLContext | None = None,
-                 wait_for_server: bool = True) -> None:
+                 wait_for_server: bool = True, cluster: bool = False) -> None:
+        self._routes: SyncClaimRoutes | None = None
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -257,6 +262,11 @@ class Client:
         self._fail_refused = not wait_for_server  # until a connection succeeded
         with self._lock:
             self._retrying(lambda: None, time.monotonic() + timeout)
+        if cluster:
+            from ango.cluster.client_routes import SyncClaimRoutes
+
+            self._routes = SyncClaimRoutes(self)
+            self._routes.refresh()
 
     # --- public API ----------------------------------------------------------------
 
@@ -270,11 +280,22 @@ class Client:
         """
         rid = request_id or new_request_id()
         try:
+            routes = self._routes
+            if routes is not None:
+                code = routes.claim(batch_id, customer_id, client_id, rid)
+                if code is not None:
+                    return code
             resp = self._request(lambda i: Claim(i, batch_id, customer_id, client_id, rid), Code)
         except AngoError as exc:
             exc.request_id = rid
             raise
+        if resp.moved and routes is not None:
+            routes.stale()
         return resp.code
+
+    def partition_map(self) -> dict[str, Any]:
+        """Which instance owns each routing slot (``partition_map_reply`` in docs/PROTOCOL.md)."""
+        return _fields(self._request(GetPartitionMap, PartitionMap))
 
     def batches(self) -> list[dict[str, Any]]:
         """Every batch with its counts, as dicts (fields as in docs/PROTOCOL.md), page by page."""
@@ -322,6 +343,8 @@ class Client:
     def close(self) -> None:
         """Close the connection; the client cannot be used afterwards."""
         self._closed = True
+        if self._routes is not None:
+            self._routes.close()
         self._drop()
 
     def __enter__(self) -> Client:
@@ -668,6 +691,10 @@ class AsyncClient:
         except AngoError as exc:
             exc.request_id = rid
             raise
+
+    async def partition_map(self) -> dict[str, Any]:
+        """Which instance owns each routing slot (``partition_map_reply`` in docs/PROTOCOL.md)."""
+        return _fields(await self._request(GetPartitionMap, PartitionMap))
 
     async def batches(self) -> list[dict[str, Any]]:
         """Every batch with its counts, as dicts (fields as in docs/PROTOCOL.md), page by page."""

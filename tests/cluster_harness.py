@@ -105,7 +105,7 @@ class Tally:
     refused: set[str] = field(default_factory=set)  # rule violations (rid)
     retries: int = 0
     failures: list[str] = field(default_factory=list)
-    direct: int = 0
+    map_updates: int = 0  # partition maps the cluster-aware clients took
 
 
 class Load:
@@ -125,10 +125,45 @@ class Load:
         self._stop = False
         self._ids = itertools.count()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        # A blocking cluster-aware client too, in a thread of its own.
+        self._sync_thread = threading.Thread(target=self._sync_worker, daemon=True)
+        self._lock = threading.Lock()
 
     def start(self) -> Load:
         self._thread.start()
+        self._sync_thread.start()
         return self
+
+    def _sync_worker(self) -> None:
+        client = ango.Client("127.0.0.1", self.ports[0], self.token, timeout=3.0, cluster=True)
+        try:
+            while not self._stop:
+                if not self._running.is_set():
+                    with self._lock:
+                        self._idle += 1
+                    while not self._running.is_set() and not self._stop:
+                        time.sleep(0.02)
+                    with self._lock:
+                        self._idle -= 1
+                    continue
+                n = next(self._ids)
+                rid, customer = f"rid-{n}", f"sync-{n}"
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        code = client.claim(self.batch, customer, request_id=rid)
+                    except AngoError as exc:
+                        if exc.retryable and time.monotonic() < deadline:
+                            self.tally.retries += 1
+                            time.sleep(0.05)
+                            continue
+                        self.tally.failures.append(f"{rid}: {exc.code}: {exc}")
+                        break
+                    self.tally.acked[rid] = (code, customer)
+                    break
+        finally:
+            self.tally.map_updates += client._routes.table.updates if client._routes else 0
+            client.close()
 
     async def _main(self) -> None:
         cluster = await ango.AsyncClient.connect("127.0.0.1", self.ports[0], self.token,
@@ -137,7 +172,7 @@ class Load:
         tasks = [asyncio.create_task(self._worker(i, [cluster] if i % 2 == 0 else plain))
                  for i in range(self.workers)]
         await asyncio.gather(*tasks)
-        self.tally.direct = cluster._routes.refreshes if cluster._routes else 0
+        self.tally.map_updates += cluster._routes.table.updates
         for c in [cluster, *plain]:
             await c.close()
 
@@ -145,10 +180,12 @@ class Load:
         turn = index
         while not self._stop:
             if not self._running.is_set():
-                self._idle += 1
+                with self._lock:
+                    self._idle += 1
                 while not self._running.is_set() and not self._stop:
                     await asyncio.sleep(0.02)
-                self._idle -= 1
+                with self._lock:
+                    self._idle -= 1
                 continue
             n = next(self._ids)
             rid = f"rid-{n}"
@@ -182,10 +219,11 @@ class Load:
         """Stop starting claims and wait until every worker's current one is answered."""
         self._running.clear()
         deadline = time.monotonic() + timeout
-        while self._idle < self.workers and time.monotonic() < deadline and \
+        everyone = self.workers + 1  # the async workers and the blocking one
+        while self._idle < everyone and time.monotonic() < deadline and \
                 self._thread.is_alive():
             time.sleep(0.02)
-        assert self._idle == self.workers or not self._thread.is_alive(), "load did not pause"
+        assert self._idle == everyone or not self._thread.is_alive(), "load did not pause"
 
     def resume(self) -> None:
         self._running.set()
@@ -194,6 +232,7 @@ class Load:
         self._stop = True
         self._running.set()
         self._thread.join(120)
+        self._sync_thread.join(120)
         return self.tally
 
 

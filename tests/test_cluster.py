@@ -15,7 +15,10 @@ from __future__ import annotations
 import json
 import signal
 import time
+import urllib.error
+import urllib.request
 
+import psycopg
 import pytest
 
 import ango
@@ -54,6 +57,11 @@ def test_three_instances_share_slots_forward_claims_and_survive_failures(dsn):
     load = None
     try:
         times["join_balanced_s"] = wait_for(lambda: balanced(dsn, set(NAMES)), "balanced")
+        wait_for(lambda: all(_ready(p) for p in procs), "every instance ready", timeout=30)
+        # Each instance re-reads the map every beat: soon each answers what PostgreSQL holds.
+        for p in procs:
+            wait_for(lambda p=p: _map_matches(dsn, p.port), "partition_map as recorded",
+                     timeout=30)
         batch = new_batch(dsn, 200_000)
         ruled = new_batch(dsn, 5_000, {"maxpercustomer": LIMIT})
         load = Load([p.port for p in procs], TOKEN, batch, ruled).start()
@@ -122,6 +130,7 @@ def test_three_instances_share_slots_forward_claims_and_survive_failures(dsn):
                 rid, customer = f"cut-{k}", f"cut-customer-{k}"
                 load.tally.acked[rid] = (client.claim(batch, customer, request_id=rid), customer)
             assert client.stats()["cluster"]["joined"] is False
+        assert not _ready(procs[2]), "an instance cut off from PostgreSQL says it is ready"
         checkpoint("claims answered by the cut instance")
         tally = load.stop()
         load = None
@@ -129,7 +138,9 @@ def test_three_instances_share_slots_forward_claims_and_survive_failures(dsn):
         assert len(tally.acked) > 100, f"too few claims to mean anything: {len(tally.acked)}"
         print(f"\ncluster failover: {json.dumps(times)}; claims acknowledged "
               f"{len(tally.acked)}, refused by the rule {len(tally.refused)}, retries "
-              f"{tally.retries}, forwarded before the kill {forwarded}")
+              f"{tally.retries}, forwarded before the kill {forwarded}, maps taken by the "
+              f"cluster-aware clients {tally.map_updates}")
+        assert tally.map_updates > 1, "the cluster-aware clients never refreshed their map"
     finally:
         if load is not None:
             load.stop()
@@ -146,3 +157,24 @@ def _forwarded(procs: list[ServeProcess]) -> int:
             peers = client.stats()["cluster"]["peers"]
         total += sum(peer["forwarded"] for peer in peers.values())
     return total
+
+
+def _ready(proc: ServeProcess) -> bool:
+    """GET /readyz answers 200."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.http_port}/readyz",
+                                    timeout=10) as answer:
+            return answer.status == 200
+    except urllib.error.HTTPError:
+        return False
+
+
+def _map_matches(dsn: str, port: int) -> bool:
+    """The partition_map an instance answers is the ownership PostgreSQL records."""
+    with ango.Client("127.0.0.1", port, TOKEN) as client:
+        found = client.partition_map()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT r.slot, i.address FROM ango.routing_slots r "
+                            "JOIN ango.instances i ON i.name = r.owner ORDER BY r.slot").fetchall()
+    assert found["slots"] == len(rows) == 1024
+    return [found["addresses"][i] for i in found["owners"]] == [a for _, a in rows]
