@@ -83,3 +83,21 @@ def test_slot_of_is_the_documented_crc32():
     batch = "5f0c6e2a-3b7d-4c1e-9a8f-2d4b6c8e0a1f"
     assert slot_of(batch, "alice", SLOTS) == zlib.crc32(f"{batch}/alice".encode()) % SLOTS
     assert slot_of(batch, "alice", SLOTS) == 284  # the example of docs/PROTOCOL.md
+
+
+def test_a_shard_forgets_the_counters_of_slots_that_moved_away_and_only_those():
+    from ango.shards import messages as m
+    from ango.shards.worker import BatchMeta, Shard
+
+    shard = Shard("postgresql://unused", 0, 1, "instance", [0])
+    batch = "5f0c6e2a-3b7d-4c1e-9a8f-2d4b6c8e0a1f"
+    shard.batches[batch] = BatchMeta(7, "client", 2, None, False)
+    customers = [f"customer-{i}" for i in range(200)]
+    for c in customers:
+        shard.counters.load((7, c), 2, {0: 1.0})
+    moved = {slot_of(batch, c, SLOTS) for c in customers[:50]}
+    shard.receive(m.ForgetSlots(sorted(moved), SLOTS))
+    kept = [c for c in customers if slot_of(batch, c, SLOTS) not in moved]
+    assert len(shard.counters) == len(kept) >= 100
+    for c in kept:  # a kept counter still knows its taken slot
+        assert shard.counters.reserve((7, c), 2, None, 0.0) == 1

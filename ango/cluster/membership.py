@@ -125,16 +125,16 @@ class Membership:
         for to, slots in moves.give.items():
             self.router.hold(slots)
             try:
-                await asyncio.wait_for(self._drain(slots), DRAIN_TIMEOUT_S)
-            except TimeoutError:
-                log.warning("cluster: claims of %d slot(s) still in flight after %.0f s; handing "
-                            "them over anyway (PostgreSQL keeps them correct)", len(slots),
-                            DRAIN_TIMEOUT_S)
-            try:
+                try:
+                    await asyncio.wait_for(self._drain(slots), DRAIN_TIMEOUT_S)
+                except TimeoutError:
+                    log.warning("cluster: claims of %d slot(s) still in flight after %.0f s; "
+                                "handing them over anyway (PostgreSQL keeps them correct)",
+                                len(slots), DRAIN_TIMEOUT_S)
                 rows = await (await conn.execute(
                     queries["hand_over_slots"],
                     {"me": self.name, "to": to, "slots": slots})).fetchall()
-            except BaseException:
+            except BaseException:  # failed or cancelled: serve them here again
                 self.router.release_held(slots)
                 raise
             for (slot,) in rows:

@@ -123,6 +123,9 @@ class Router:
                 for name, p in sorted(self.peers.items())}
 
     async def close(self) -> None:
-        """Close the peers' connections."""
+        """Serve here what still waits for a hand-over; close the peers' connections."""
+        held, self.held = self.held, []
+        for _, _, local in held:
+            local()
         await asyncio.gather(*(p.close() for p in self.peers.values()), return_exceptions=True)
         self.peers.clear()
