@@ -13,8 +13,10 @@ alternates two clients, ``--rounds`` times each:
   the claims of its own slots and forwards the others' to their owners.
 
 Prints one JSON object: per client and concurrency the median claims/s and p99
-(ms) of the rounds, and each round's figures. Measure side by side, on a quiet
-machine if possible: the instances, PostgreSQL and the client share the cores.
+(ms) of the rounds and the CPU microseconds per claim of the instances, their
+shards, the client and PostgreSQL together, and each round's figures. Measure
+on a quiet machine if possible: the instances, PostgreSQL and the client share
+the cores.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from pathlib import Path
 
 import psycopg
 import uvloop
+from psycopg.conninfo import conninfo_to_dict
 
 from ango.cluster.slots import fair_shares
 from ango.importer import import_codes
+from benchmarks._cpu import CpuSplit, children_of, postmaster_pid
 from benchmarks._db import CLIENT, fresh_database, server_dsn, write_codes_csv
 from benchmarks.protocol_load import drive, start_server
 
@@ -49,6 +53,26 @@ def _p99_ms(latencies: list[float]) -> float | None:
     if len(latencies) < 100:
         return None
     return round(statistics.quantiles(latencies, n=100)[98] * 1000, 2)
+
+
+def _cpu_split(dsn: str, servers: list) -> CpuSplit:
+    """CPU of the instances (servers), their shards, this client and PostgreSQL."""
+    pids = [s.pid for s in servers]
+    shards = [children_of(pid) for pid in pids]
+    return CpuSplit({"instances": lambda: pids,
+                     "shards": lambda: [c for f in shards for c in f()],
+                     "client": lambda: [os.getpid()]},
+                    dbname=conninfo_to_dict(dsn).get("dbname"),
+                    postmaster=postmaster_pid(dsn))
+
+
+def _per_claim(cpu: CpuSplit, claims: int) -> dict[str, float] | None:
+    if not cpu.result or not claims:
+        return None
+    spent = {k: v for k, v in cpu.result["cpu_s"].items() if k != "pg_other"}
+    found = {name: round(v / claims * 1e6, 1) for name, v in spent.items()}
+    found["total"] = round(sum(spent.values()) / claims * 1e6, 1)
+    return found
 
 
 def main() -> None:
@@ -77,13 +101,16 @@ def main() -> None:
             for concurrency in (100, 1000):
                 for round_ in range(args.rounds):
                     for mode in ("cluster", "plain"):
+                        cpu = _cpu_split(db, servers)
                         found = uvloop.run(drive(
                             servers[0].port, token, batch, concurrency, 1, args.seconds,
-                            prefix=f"{mode}{concurrency}r{round_}-", cluster=mode == "cluster"))
+                            prefix=f"{mode}{concurrency}r{round_}-", cluster=mode == "cluster",
+                            on_window=(cpu.start, cpu.stop)))
                         result["runs"].append({
                             "client": mode, "concurrency": concurrency, "round": round_,
                             "claims_per_s": round(found.claims_per_s),
-                            "p99_ms": _p99_ms(found.latencies), "errors": found.errors_total})
+                            "p99_ms": _p99_ms(found.latencies), "errors": found.errors_total,
+                            "cpu_us_per_claim": _per_claim(cpu, found.claims)})
         finally:
             for server in servers:
                 server.stop()
@@ -94,7 +121,9 @@ def main() -> None:
                     if r["client"] == mode and r["concurrency"] == concurrency]
             summary[f"{mode}@{concurrency}"] = {
                 "claims_per_s": statistics.median(r["claims_per_s"] for r in runs),
-                "p99_ms": statistics.median(r["p99_ms"] or 0 for r in runs)}
+                "p99_ms": statistics.median(r["p99_ms"] or 0 for r in runs),
+                "cpu_us_per_claim": statistics.median(
+                    (r["cpu_us_per_claim"] or {}).get("total", 0) for r in runs)}
     result["median"] = summary
     print(json.dumps(result))
 
