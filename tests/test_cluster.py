@@ -13,7 +13,9 @@ times are printed (run with -s to see them); nothing asserts on them.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -31,7 +33,7 @@ from tests.cluster_harness import (
     ownership,
     wait_for,
 )
-from tests.servers import TOKEN, ServeProcess, new_batch
+from tests.servers import ANGO, TOKEN, ServeProcess, new_batch
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -76,6 +78,17 @@ def test_three_instances_share_slots_forward_claims_and_survive_failures(dsn):
         checkpoint("steady")
         forwarded = _forwarded(procs)
         assert forwarded > 0, "plain clients' claims were never forwarded"
+        # HTTP claims to one instance: those of the others' slots are forwarded too.
+        load.pause()
+        for k in range(30):
+            rid, customer = f"http-{k}", f"http-customer-{k}"
+            load.tally.acked[rid] = (_http_claim(procs[0], batch, customer, rid), customer)
+        assert _forwarded(procs) > forwarded
+        checkpoint("HTTP claims")
+        shown = subprocess.run([*ANGO, "stats", "--port", str(procs[1].port)], capture_output=True,
+                               text=True, timeout=60, env=dict(os.environ, ANGO_TOKEN=TOKEN))
+        assert "cluster         ango-1 at 127.0.0.1:" in shown.stdout, shown.stdout + shown.stderr
+        assert "owns 341/1024 slots (fair share 341)" in shown.stdout, shown.stdout
 
         # kill -9: its slots move to the others.
         killed = time.monotonic()
@@ -178,3 +191,13 @@ def _map_matches(dsn: str, port: int) -> bool:
                             "JOIN ango.instances i ON i.name = r.owner ORDER BY r.slot").fetchall()
     assert found["slots"] == len(rows) == 1024
     return [found["addresses"][i] for i in found["owners"]] == [a for _, a in rows]
+
+
+def _http_claim(proc: ServeProcess, batch: str, customer: str, request_id: str) -> str:
+    """A claim over HTTP (POST /api/v1/code/redeem); its code."""
+    body = json.dumps({"batchid": batch, "customerid": customer, "requestid": request_id})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{proc.http_port}/api/v1/code/redeem", data=body.encode(),
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())["code"]
