@@ -42,6 +42,8 @@ from ango.shards.supervisor import (
 from ango.tally import GROUP_SIZE_BUCKETS, SECONDS_BUCKETS, Tally, merged
 
 if TYPE_CHECKING:
+    import ssl
+
     from ango.cluster.membership import Membership
     from ango.cluster.router import Router
 
@@ -183,15 +185,17 @@ class Allocator:
         with database.connect(self.dsn) as conn:
             return database.partition_count(conn), database.connection_budget(conn)
 
-    async def join_cluster(self, name: str, address: str, token: str) -> None:
+    async def join_cluster(self, name: str, address: str, token: str, *,
+                           tls: ssl.SSLContext | None = None) -> None:
         """Take part in the cluster of instances on this database (see ango.cluster):
-        heartbeat as ``name``, reachable at ``address`` (host:port) with ``token``,
-        take a fair share of the routing slots and forward claims of the others'."""
+        heartbeat as ``name``, reachable at ``address`` (host:port) with ``token``
+        (over TLS with ``tls``, a client context), take a fair share of the routing
+        slots and forward claims of the others'."""
         from ango.cluster.membership import Membership
         from ango.cluster.router import Router
 
         self.slots = await self._read(database.routing_slot_count)
-        self.router = Router(name, self.slots, token, self._forget_slots)
+        self.router = Router(name, self.slots, token, self._forget_slots, tls)
         self.membership = Membership(name, address, self.dsn, self.router, self._drain_slots)
         await self.membership.start()
 

@@ -21,7 +21,7 @@ from .http_server import HttpServer
 from .limits import Limits
 from .metrics import Metrics
 from .protocol_server import ProtocolServer
-from .tls import server_context
+from .tls import peer_context, server_context
 
 log = logging.getLogger("ango.server")
 
@@ -80,7 +80,8 @@ async def serve_async(
         if alloc is not None:
             try:
                 await alloc.join_cluster(instance_name or default_instance_name(),
-                                         advertise or advertised(bound_host, bound_port), token)
+                                         advertise or advertised(bound_host, bound_port), token,
+                                         tls=peer_context(tls_cert) if tls_cert else None)
             except BaseException:
                 await server.shutdown()
                 raise

@@ -182,9 +182,9 @@ def _ready(proc: ServeProcess) -> bool:
         return False
 
 
-def _map_matches(dsn: str, port: int) -> bool:
+def _map_matches(dsn: str, port: int, tls=None) -> bool:
     """The partition_map an instance answers is the ownership PostgreSQL records."""
-    with ango.Client("127.0.0.1", port, TOKEN) as client:
+    with ango.Client("127.0.0.1", port, TOKEN, tls=tls) as client:
         found = client.partition_map()
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute("SELECT r.slot, i.address FROM ango.routing_slots r "
@@ -201,3 +201,44 @@ def _http_claim(proc: ServeProcess, batch: str, customer: str, request_id: str) 
         headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as answer:
         return json.loads(answer.read())["code"]
+
+
+def test_instances_serving_tls_forward_to_each_other_over_tls(dsn, tmp_path):
+    import ssl
+
+    from ango.server.tls import self_signed
+
+    cert, key = self_signed(tmp_path)
+    procs = [ServeProcess("--dsn", dsn, "--shards", "1", "--instance-name", f"tls-{i}",
+                          "--tls-cert", cert, "--tls-key", key, env={"ANGO_TOKEN": TOKEN}).start()
+             for i in range(2)]
+    try:
+        wait_for(lambda: balanced(dsn, {"tls-0", "tls-1"}), "balanced")
+        for p in procs:  # each knows the other's slots
+            wait_for(lambda p=p: _map_matches(dsn, p.port, ssl.create_default_context(
+                cafile=cert)), "partition_map as recorded", timeout=30)
+        batch = new_batch(dsn, 1000)
+        context = ssl.create_default_context(cafile=cert)
+        with ango.Client("127.0.0.1", procs[0].port, TOKEN, tls=context) as client:
+            codes = [client.claim(batch, f"customer-{k}", request_id=f"r{k}")
+                     for k in range(60)]
+            peers = client.stats()["cluster"]["peers"]
+        assert len(set(codes)) == 60
+        assert peers["tls-1"]["forwarded"] > 0
+        assert peers["tls-1"]["served_here_instead"] == 0
+    finally:
+        for p in procs:
+            p.kill()
+
+
+@pytest.mark.parametrize(("option", "value", "said"), [
+    ("--advertise", "no-port-here", "address must be HOST:PORT"),
+    ("--advertise", "host:99999", "address must be HOST:PORT"),
+    ("--instance-name", "bad name!", "must be 1-63 letters"),
+])
+def test_bad_cluster_options_are_refused_saying_what(option, value, said):
+    done = subprocess.run([*ANGO, "serve", option, value], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert said in done.stderr and option in done.stderr
+    assert "Traceback" not in done.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from functools import partial
 
@@ -39,11 +40,12 @@ def split_address(address: str) -> tuple[str, int]:
 class Peer:
     """One other instance: a pipelined connection to it, opened on demand."""
 
-    def __init__(self, name: str, address: str, token: str) -> None:
+    def __init__(self, name: str, address: str, token: str,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.name = name
         self.address = address
         host, port = split_address(address)
-        self._client = AsyncClient(host, port, token, timeout=FORWARD_TIMEOUT_S)
+        self._client = AsyncClient(host, port, token, timeout=FORWARD_TIMEOUT_S, tls=tls)
         self._connecting: asyncio.Task | None = None
         self._next_try = 0.0
         self.in_flight = 0
@@ -56,7 +58,7 @@ class Peer:
         conn = self._client._conn
         if conn is None or conn.closed or self.in_flight >= MAX_FORWARD_IN_FLIGHT:
             if conn is None or conn.closed:
-                self._connect()
+                self.connect()
             self.fallbacks += 1
             local()
             return
@@ -90,7 +92,8 @@ class Peer:
         self.fallbacks += 1
         local()
 
-    def _connect(self) -> None:
+    def connect(self) -> None:
+        """Open the connection in the background (at most once per RECONNECT_EVERY_S)."""
         loop = asyncio.get_running_loop()
         if self._connecting is not None or loop.time() < self._next_try:
             return

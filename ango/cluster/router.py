@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,8 +29,10 @@ class Router:
     """Routes per slot, the peers, and the claims held during a hand-over."""
 
     def __init__(self, me: str, slots: int, token: str,
-                 forget: Callable[[list[int]], None]) -> None:
-        """``forget(slots)``: drop the shards' counters of slots we no longer own."""
+                 forget: Callable[[list[int]], None], tls: ssl.SSLContext | None = None) -> None:
+        """``forget(slots)``: drop the shards' counters of slots we no longer own;
+        ``tls``: the client context peers are reached with (None: plain text)."""
+        self._tls = tls
         self.me = me
         self.slots = slots
         self.routes: list[Any] = [None] * slots
@@ -72,7 +75,8 @@ class Router:
             if name != self.me and (peer is None or peer.address != address):
                 if peer is not None:
                     asyncio.ensure_future(peer.close())
-                self.peers[name] = Peer(name, address, self._token)
+                self.peers[name] = peer = Peer(name, address, self._token, self._tls)
+                peer.connect()  # before its first claim: those would be served here
         for name in [n for n in self.peers if n not in live]:
             asyncio.ensure_future(self.peers.pop(name).close())
         mine = set()
