@@ -89,6 +89,11 @@ def test_three_instances_share_slots_forward_claims_and_survive_failures(dsn):
                                text=True, timeout=60, env=dict(os.environ, ANGO_TOKEN=TOKEN))
         assert "cluster         ango-1 at 127.0.0.1:" in shown.stdout, shown.stdout + shown.stderr
         assert "owns 341/1024 slots (fair share 341)" in shown.stdout, shown.stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{procs[0].http_port}/metrics",
+                                    timeout=30) as answer:
+            exported = answer.read().decode()
+        assert "ango_cluster_slots_owned 342.0" in exported
+        assert 'ango_cluster_forwarded_total{peer="ango-1"}' in exported
 
         # kill -9: its slots move to the others.
         killed = time.monotonic()
