@@ -159,6 +159,8 @@ def test_three_instances_share_slots_forward_claims_and_survive_failures(dsn):
               f"{tally.retries}, forwarded before the kill {forwarded}, maps taken by the "
               f"cluster-aware clients {tally.map_updates}")
         assert tally.map_updates > 1, "the cluster-aware clients never refreshed their map"
+        for p in procs:  # a restart under the same name is the same instance, not a twin
+            assert "another live process uses the instance name" not in p.stderr
     finally:
         if load is not None:
             load.stop()
@@ -247,3 +249,14 @@ def test_bad_cluster_options_are_refused_saying_what(option, value, said):
     assert done.returncode == 2
     assert said in done.stderr and option in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_two_live_processes_with_one_instance_name_are_reported(dsn):
+    procs = [ServeProcess("--dsn", dsn, "--shards", "1", "--instance-name", "twin",
+                          env={"ANGO_TOKEN": TOKEN}).start() for _ in range(2)]
+    try:
+        wait_for(lambda: any("another live process uses the instance name 'twin'" in p.stderr
+                             for p in procs), "the shared name reported", timeout=30)
+    finally:
+        for p in procs:
+            p.kill()

@@ -58,6 +58,7 @@ class Membership:
         self.taken = 0
         self.handed_over = 0
         self.live: dict[str, str] = {}
+        self._warned = -3600.0  # when a shared instance name was last logged
 
     async def start(self) -> None:
         """First beat (joins the map), then one every BEAT_S in the background."""
@@ -100,7 +101,13 @@ class Membership:
 
     async def _read_map(self, conn: psycopg.AsyncConnection
                         ) -> tuple[list[str | None], dict[str, str], int]:
-        await conn.execute(queries["instance_beat"], {"name": self.name, "address": self.address})
+        cur = await conn.execute(queries["instance_beat"],
+                                 {"name": self.name, "address": self.address})
+        if (await cur.fetchone())[0] and time.monotonic() - self._warned > 60:
+            self._warned = time.monotonic()
+            log.error("cluster: another live process uses the instance name %r: give each "
+                      "instance its own (--instance-name, ANGO_INSTANCE_NAME); until then both "
+                      "serve the same slots (PostgreSQL keeps the claims correct)", self.name)
         live = dict(await (await conn.execute(queries["live_instances"])).fetchall())
         rows = await (await conn.execute(queries["routing_map"])).fetchall()
         return [row[1] for row in rows], live, sum(row[2] for row in rows)

@@ -620,12 +620,22 @@ SELECT value::integer FROM ango.meta WHERE key = 'routing_slots';
 
 -- name: instance_beat
 -- An instance's heartbeat: where it listens, and the session it beats on.
+-- Returns whether the row was another live session's until now: two live
+-- processes use the same instance name.
+WITH before AS (
+    SELECT EXISTS (
+        SELECT 1 FROM ango.instances i
+        JOIN pg_stat_activity a ON a.pid = i.backend_pid AND a.backend_start = i.backend_start
+        WHERE i.name = %(name)s AND i.backend_pid <> pg_backend_pid()
+          AND i.heartbeat > now() - interval '3 seconds') AS taken
+)
 INSERT INTO ango.instances (name, address, backend_pid, backend_start, heartbeat)
 SELECT %(name)s, %(address)s, pid, backend_start, now()
 FROM pg_stat_activity WHERE pid = pg_backend_pid()
 ON CONFLICT (name) DO UPDATE
 SET address = EXCLUDED.address, backend_pid = EXCLUDED.backend_pid,
-    backend_start = EXCLUDED.backend_start, heartbeat = EXCLUDED.heartbeat;
+    backend_start = EXCLUDED.backend_start, heartbeat = EXCLUDED.heartbeat
+RETURNING (SELECT taken FROM before);
 
 -- name: live_instances
 -- The instances alive now, by name.
