@@ -624,10 +624,8 @@ SELECT value::integer FROM ango.meta WHERE key = 'routing_slots';
 -- processes use the same instance name.
 WITH before AS (
     SELECT EXISTS (
-        SELECT 1 FROM ango.instances i
-        JOIN pg_stat_activity a ON a.pid = i.backend_pid AND a.backend_start = i.backend_start
-        WHERE i.name = %(name)s AND i.backend_pid <> pg_backend_pid()
-          AND i.heartbeat > now() - interval '3 seconds') AS taken
+        SELECT 1 FROM ango.live_instances l JOIN ango.instances i ON i.name = l.name
+        WHERE i.name = %(name)s AND i.backend_pid <> pg_backend_pid()) AS taken
 )
 INSERT INTO ango.instances (name, address, backend_pid, backend_start, heartbeat)
 SELECT %(name)s, %(address)s, pid, backend_start, now()

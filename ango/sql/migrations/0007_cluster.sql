@@ -37,9 +37,13 @@ SELECT s FROM generate_series(0, (SELECT value::integer FROM ango.meta
 ON CONFLICT (slot) DO NOTHING;
 
 -- Live instances: heartbeat within the last 3 s and their PostgreSQL session
--- still open (a killed process's session ends with its socket).
+-- still open (a killed process's session ends with its socket). Another role's
+-- sessions show their pid but not their start (without pg_read_all_stats):
+-- then the pid alone says the session is there.
 CREATE OR REPLACE VIEW ango.live_instances AS
 SELECT i.name, i.address
 FROM ango.instances i
-JOIN pg_stat_activity a ON a.pid = i.backend_pid AND a.backend_start = i.backend_start
-WHERE i.heartbeat > now() - interval '3 seconds';
+WHERE i.heartbeat > now() - interval '3 seconds'
+  AND EXISTS (SELECT 1 FROM pg_stat_activity a
+              WHERE a.pid = i.backend_pid
+                AND (a.backend_start IS NULL OR a.backend_start = i.backend_start));
