@@ -85,8 +85,18 @@ _PAUSE_IN_FLIGHT = 2  # max_in_flight requests unanswered
 _PAUSE_AUTH = 4  # a wrong token is being answered, slowly
 
 
+#: The ``partition_map`` answer of a server that is not in a cluster (noop, a stand-in).
+_NO_CLUSTER: dict[str, Any] = {"version": 0, "slots": 0, "hash": "", "addresses": [],
+                               "owners": []}
+
+
 class AllocatorLike(Protocol):
-    """What the server needs of ``ango.allocator.Allocator``."""
+    """What the server needs of ``ango.allocator.Allocator``.
+
+    A cluster's Allocator also takes ``forwarded=True`` in ``claim``, sets
+    ``last_claim_moved`` and answers ``partition_map()``; the server uses them
+    when present.
+    """
 
     def claim(self, batch_id: str, customer_id: str, *, client_id: str | None = None,
               request_id: str | None = None) -> Awaitable[str]: ...
@@ -342,9 +352,7 @@ class Connection(asyncio.Protocol):
                 self._call(msg.id, server.metrics.stats(), self._stats_reply)
         elif kind is GetPartitionMap:
             found = getattr(alloc, "partition_map", None)
-            self.send(PartitionMap(msg.id, **(found() if found else
-                                             {"version": 0, "slots": 0, "hash": "",
-                                              "addresses": [], "owners": []})))
+            self.send(PartitionMap(msg.id, **(found() if found else _NO_CLUSTER)))
         elif kind is ListBatches:
             if alloc is None:
                 self.send(BatchList(msg.id, []))

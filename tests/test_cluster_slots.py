@@ -101,3 +101,28 @@ def test_a_shard_forgets_the_counters_of_slots_that_moved_away_and_only_those():
     assert len(shard.counters) == len(kept) >= 100
     for c in kept:  # a kept counter still knows its taken slot
         assert shard.counters.reserve((7, c), 2, None, 0.0) == 1
+
+
+def test_a_server_outside_a_cluster_answers_an_empty_map():
+    import ango
+    from tests.servers import TOKEN, InProcessServer
+
+    with InProcessServer(None) as srv, ango.Client("127.0.0.1", srv.port, TOKEN) as client:
+        found = client.partition_map()
+    assert found["slots"] == 0 and found["owners"] == [] and found["addresses"] == []
+
+
+def test_moved_and_forwarded_are_optional_on_the_wire():
+    import msgspec
+
+    from ango.protocol import Claim, Code, encode_frame, request_decoder, response_decoder
+
+    # A code answer without ``moved`` (an older server) is not moved; one that is says so.
+    plain = msgspec.msgpack.encode({"type": "code", "id": 1, "code": "X"})
+    assert response_decoder.decode(plain) == Code(1, "X", False)
+    assert b"moved" not in encode_frame(Code(1, "X"))
+    assert response_decoder.decode(encode_frame(Code(1, "X", True))[4:]).moved is True
+    # A claim leaves ``forwarded`` out unless set.
+    assert b"forwarded" not in encode_frame(Claim(2, "b", "c", None, "r"))
+    assert request_decoder.decode(encode_frame(Claim(2, "b", "c", None, "r", True))[4:]
+                                  ).forwarded is True
