@@ -27,6 +27,8 @@ log = logging.getLogger("ango.client")
 
 #: Seconds between two map fetches at least (hints come in bursts).
 REFRESH_AT_MOST_EVERY_S = 0.2
+#: Seconds after which a map is fetched again even without a hint (new instances).
+MAP_MAX_AGE_S = 10.0
 #: Seconds an owner gets (connecting and answering) before its claim goes another way.
 OWNER_TIMEOUT_S = 2.0
 
@@ -107,6 +109,7 @@ class ClaimRoutes:
 
     async def refresh(self) -> None:
         """Fetch the map from the seed instance, else from any instance known."""
+        self._last_refresh = asyncio.get_running_loop().time()
         for client in [self.seed, *self.clients.values()]:
             try:
                 found = await client._request(GetPartitionMap, PartitionMap)
@@ -138,11 +141,13 @@ class ClaimRoutes:
                     request_id: str) -> str | None:
         """The code, from the owner; None when the owner could not answer (the caller
         then sends the claim through the seed, with the same request id)."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_refresh > MAP_MAX_AGE_S:
+            self.stale()
         address = self.table.address_of(batch_id, customer_id)
         if address is None:
             return None
         owner = self._client_for(address)
-        loop = asyncio.get_running_loop()
         deadline = loop.time() + OWNER_TIMEOUT_S
         resp: Any = None
         try:
@@ -212,6 +217,8 @@ class SyncClaimRoutes:
         from ango.client import Client
         from ango.cluster.forwarding import split_address
 
+        if time.monotonic() - self._last_refresh > MAP_MAX_AGE_S:
+            self.refresh()
         address = self.table.address_of(batch_id, customer_id)
         if address is None:
             return None
