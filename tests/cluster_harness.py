@@ -48,6 +48,13 @@ class PgProxy:
         self._cut = False
         threading.Thread(target=self._accept, daemon=True).start()
 
+    def restore(self) -> None:
+        """Accept connections again, on the same port."""
+        with self._lock:
+            self._listener = socket.create_server(("127.0.0.1", self.port))
+            self._cut = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
     def _accept(self) -> None:
         while not self._cut:
             try:

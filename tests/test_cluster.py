@@ -5,7 +5,7 @@ through all of them at once, from cluster-aware clients (straight to the slot's
 owner) and plain ones (to any instance, which forwards), each with a request id
 and retried with it. Then: kill -9 of one, its restart, a rolling restart, and
 an instance cut off from PostgreSQL (its connections go through a proxy that is
-cut), and one frozen by SIGSTOP (its sessions stay open: only its heartbeat
+cut, then restored), and one frozen by SIGSTOP (its sessions stay open: only its heartbeat
 stops). After each step every invariant is checked from PostgreSQL. The failover
 times are printed (run with -s to see them); nothing asserts on them.
 """
@@ -150,6 +150,15 @@ def test_three_instances_share_slots_forward_claims_and_survive_failures(dsn):
             assert client.stats()["cluster"]["joined"] is False
         assert not _ready(procs[2]), "an instance cut off from PostgreSQL says it is ready"
         checkpoint("claims answered by the cut instance")
+
+        # PostgreSQL reachable again: ango-2 joins again and gets its share back.
+        proxy.restore()
+        times["reconnected_balanced_s"] = wait_for(lambda: balanced(dsn, set(NAMES)),
+                                                   "rebalanced after the reconnection",
+                                                   timeout=60)
+        wait_for(lambda: _ready(procs[2]), "ango-2 ready again", timeout=60)
+        time.sleep(2)
+        checkpoint("reconnected")
         tally = load.stop()
         load = None
         check_invariants(dsn, tally, (batch, ruled))
