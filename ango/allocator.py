@@ -26,7 +26,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from ango import batches as batches_lib
-from ango import database
+from ango import cpus, database
 from ango.errors import ConfigurationError, InvalidInput, Unavailable
 from ango.health import DatabaseWatch
 from ango.importer import check_text as _text
@@ -86,7 +86,7 @@ def shards_for(requested: int | None, budget: database.ConnectionBudget,
     per = connections_per_shard()
     free = budget.available
     fits = max(0, (free - ALLOCATOR_CONNECTIONS) // per)
-    wanted = requested or cores or os.cpu_count() or 1
+    wanted = requested or cores or cpus.available()
     if requested is not None and requested <= fits:
         return requested
     if requested is None and fits >= 1:
@@ -128,7 +128,7 @@ class Allocator:
         self._shards_requested = shards
         self._deadlines = deadlines or Deadlines()
         self._data_dir = data_dir
-        self.shard_count = shards or os.cpu_count() or 1
+        self.shard_count = shards or cpus.available()
         self.instance = str(uuid.uuid4())
         self.dsn: str | None = None
         self.partitions = 0

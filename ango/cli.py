@@ -323,7 +323,8 @@ def _advertise(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--port", default=7878, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on (0: any free port, logged when ready).")
 @click.option("--shards", default=None, type=click.IntRange(1, 256),
-              help="Shard processes (default: one per CPU core).")
+              help="Shard processes (default: one per CPU the container's quota allows, "
+                   "else per core).")
 @click.option("--token", envvar="ANGO_TOKEN", default=None, callback=_secret_on_command_line,
               help="Admin token clients must present: better ANGO_TOKEN or --token-file (a "
                    "command line is readable by every local user).")

@@ -25,6 +25,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -38,8 +39,8 @@ from ango.errors import (
     Unavailable,
     error_from_code,
 )
+from ango.framing import FrameReader, FrameTooLarge, FrameWriter
 from ango.protocol import (
-    HEADER_SIZE,
     MAX_FRAME,
     PROTOCOL_VERSION,
     BatchList,
@@ -65,9 +66,7 @@ from ango.protocol import (
     SetSchedule,
     Stats,
     Welcome,
-    append_frame,
     response_decoder,
-    unpack_header,
 )
 
 if TYPE_CHECKING:
@@ -143,11 +142,9 @@ def _unreachable(exc: OSError, host: str, port: int) -> ServerUnreachable | None
     return None
 
 
-def _bad_frame(size: int, max_frame: int) -> _ConnectionLost | None:
-    if size > max_frame:
-        return _ConnectionLost(f"the server sent a frame of {size} bytes, over the limit of "
-                               f"{max_frame}")
-    return None
+def _too_large(exc: FrameTooLarge) -> _ConnectionLost:
+    return _ConnectionLost(f"the server sent a frame of {exc.size} bytes, over the limit of "
+                           f"{exc.max_frame}")
 
 
 def _accepted_frame(announced: int) -> int:
@@ -181,12 +178,17 @@ def _tls_failed(host: str, port: int, exc: ssl.SSLError) -> AngoError | None:
     return ProtocolError(f"TLS with {host}:{port} failed: {detail}")
 
 
-def _encode(out: bytearray, msg: msgspec.Struct, max_frame: int) -> None:
-    start = len(out)
-    append_frame(out, msg)
-    if len(out) - start - HEADER_SIZE > max_frame:
-        del out[start:]
-        raise InvalidInput(f"request larger than the server's maximum frame of {max_frame} bytes")
+def _send(writer: FrameWriter, msg: msgspec.Struct) -> None:
+    try:
+        writer.append(msg)
+    except FrameTooLarge as exc:
+        raise InvalidInput("request larger than the server's maximum frame of "
+                           f"{exc.max_frame} bytes") from None
+
+
+def _set_max_frame(reader: FrameReader, writer: FrameWriter, max_frame: int) -> None:
+    """The largest frame either way: the server's, once its ``welcome`` said it."""
+    reader.max_frame = writer.max_frame = max_frame
 
 
 def _failure(resp: Error) -> AngoError:
@@ -254,9 +256,9 @@ class Client:
         self._token, self._token_source = _token(token, data_dir)
         self._tls = tls_context(tls)
         self._sock: socket.socket | None = None
-        self._buf = bytearray()
+        self._reader = FrameReader(MAX_FRAME)
+        self._writer = FrameWriter(self._sendall, None, max_frame=MAX_FRAME)
         self._next_id = 0
-        self._max_frame = MAX_FRAME
         self._lock = threading.Lock()
         self._closed = False
         self._fail_refused = not wait_for_server  # until a connection succeeded
@@ -401,9 +403,10 @@ class Client:
                 sock.close()
                 raise
         self._sock = sock
-        self._buf = bytearray()
+        self._reader.clear()
+        self._writer.clear()
+        _set_max_frame(self._reader, self._writer, MAX_FRAME)
         self._next_id = 0
-        self._max_frame = MAX_FRAME
         self._fail_refused = False  # it listens: later refusals are a restart, retried
         try:
             resp = self._round_trip(lambda i: Hello(i, PROTOCOL_VERSION, self._token, _NAME),
@@ -416,51 +419,44 @@ class Client:
         except BaseException:
             self._drop()
             raise
-        self._max_frame = _accepted_frame(resp.max_frame)
+        _set_max_frame(self._reader, self._writer, _accepted_frame(resp.max_frame))
 
     def _round_trip(self, build: Callable[[int], msgspec.Struct],
                     deadline: float | None = None) -> Any:
         assert self._sock is not None
         self._next_id += 1
         rid = self._next_id
-        out = bytearray()
-        _encode(out, build(rid), self._max_frame)
-        self._sock.sendall(out)
+        _send(self._writer, build(rid))
         resp = self._receive(rid, deadline or time.monotonic() + self.timeout)
         if type(resp) is Error:
             raise _failure(resp)
         return resp
 
+    def _sendall(self, frames: bytearray) -> None:
+        assert self._sock is not None
+        self._sock.sendall(frames)
+
     def _receive(self, rid: int, deadline: float) -> Any:
         sock = self._sock
         assert sock is not None
+        reader = self._reader
         while True:
-            buf = self._buf
-            pos = 0
-            while len(buf) - pos >= HEADER_SIZE:
-                (size,) = unpack_header(buf, pos)
-                lost = _bad_frame(size, self._max_frame)
-                if lost is not None:  # the stream cannot be trusted any more: a new connection
-                    raise lost
-                stop = pos + HEADER_SIZE + size
-                if stop > len(buf):
-                    break
-                try:
-                    resp = response_decoder.decode(bytes(buf[pos + HEADER_SIZE:stop]))
-                except _UNDECODABLE as exc:
-                    raise _undecodable(exc) from None
-                pos = stop
-                if resp.id == rid:
-                    self._buf = buf[pos:]
-                    return resp
-                if resp.id is None:  # the server is closing the connection, saying why
-                    self._buf = buf[pos:]
-                    exc = _failure(resp)
-                    if exc.retryable:
-                        raise _ConnectionLost(str(exc))
-                    raise exc
-                # else: the late answer of a request that timed out; drop it
-            self._buf = buf[pos:]
+            try:
+                for payload in reader.frames():
+                    try:
+                        resp = response_decoder.decode(payload)
+                    except _UNDECODABLE as exc:
+                        raise _undecodable(exc) from None
+                    if resp.id == rid:
+                        return resp
+                    if resp.id is None:  # the server is closing the connection, saying why
+                        exc = _failure(resp)
+                        if exc.retryable:
+                            raise _ConnectionLost(str(exc))
+                        raise exc
+                    # else: the late answer of a request that timed out; drop it
+            except FrameTooLarge as exc:  # the stream cannot be trusted any more: reconnect
+                raise _too_large(exc) from None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("no answer in time")
@@ -468,7 +464,7 @@ class Client:
             data = sock.recv(256 * 1024)
             if not data:
                 raise _ConnectionLost("the server closed the connection")
-            self._buf += data
+            reader.feed(data)
 
     def _drop(self) -> None:
         if self._sock is not None:
@@ -488,12 +484,12 @@ class _Connection(asyncio.Protocol):
         self.pending: dict[int, asyncio.Future] = {}
         self.deadlines: collections.deque[tuple[float, int]] = collections.deque()
         self.next_id = 0
-        self.max_frame = MAX_FRAME
         self.closed = False
         self.reason: BaseException = _ConnectionLost("the connection was lost")
-        self._buf = bytearray()
-        self._out = bytearray()
-        self._flush_scheduled = False
+        self.reader = FrameReader(MAX_FRAME)
+        # Requests go out together, once per loop pass.
+        self.writer = FrameWriter(self._write, partial(loop.call_soon, self._flush),
+                                  max_frame=MAX_FRAME)
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_every = min(0.25, max(0.01, timeout / 10))
 
@@ -504,27 +500,16 @@ class _Connection(asyncio.Protocol):
         self._fail_all()
 
     def data_received(self, data: bytes) -> None:  # noqa: D102
-        if self._buf:
-            self._buf += data
-            data = self._buf
-        pos = 0
-        end = len(data)
+        reader = self.reader
+        reader.feed(data)
         pending = self.pending
-        with memoryview(data) as view:
-            while end - pos >= HEADER_SIZE:
-                (size,) = unpack_header(data, pos)
-                stop = pos + HEADER_SIZE + size
-                if size > self.max_frame or stop > end:
-                    if size > self.max_frame:  # what was pending is lost, and retried
-                        self._lose(_bad_frame(size, self.max_frame))
-                        return
-                    break
+        try:
+            for payload in reader.frames():
                 try:
-                    resp = response_decoder.decode(view[pos + HEADER_SIZE:stop])
+                    resp = response_decoder.decode(payload)
                 except _UNDECODABLE as exc:
                     self._lose(_undecodable(exc))
                     return
-                pos = stop
                 fut = pending.pop(resp.id, None)
                 if fut is not None:
                     if not fut.done():
@@ -532,11 +517,12 @@ class _Connection(asyncio.Protocol):
                 elif resp.id is None:  # the server is closing the connection, saying why
                     err = _failure(resp)
                     self.reason = _ConnectionLost(str(err)) if err.retryable else err
-        self._buf = bytearray(memoryview(data)[pos:]) if pos < end else bytearray()
+        except FrameTooLarge as exc:  # what was pending is lost, and retried
+            self._lose(_too_large(exc))
 
     def _lose(self, reason: _ConnectionLost) -> None:
         self.reason = reason
-        self._buf = bytearray()
+        self.reader.clear()
         self.close()
 
     def request(self, msg: msgspec.Struct, deadline: float) -> asyncio.Future:
@@ -544,12 +530,9 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             raise self.reason
         fut = self.loop.create_future()
-        _encode(self._out, msg, self.max_frame)
+        _send(self.writer, msg)
         self.pending[msg.id] = fut
         self.deadlines.append((deadline, msg.id))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
         return fut
@@ -560,10 +543,11 @@ class _Connection(asyncio.Protocol):
         return self.next_id
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._out and not self.closed:
-            out, self._out = self._out, bytearray()
-            self.transport.write(out)
+        if not self.closed:
+            self.writer.flush()
+
+    def _write(self, frames: bytearray) -> None:
+        self.transport.write(frames)
 
     def _sweep(self) -> None:
         self._sweeper = None
@@ -842,7 +826,7 @@ class AsyncClient:
             conn.close()
             raise
         if type(resp) is Welcome:
-            conn.max_frame = _accepted_frame(resp.max_frame)
+            _set_max_frame(conn.reader, conn.writer, _accepted_frame(resp.max_frame))
             return conn
         conn.close()
         if type(resp) is Error:

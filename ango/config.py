@@ -91,7 +91,10 @@ def configured_dsn(dsn: str | None = None) -> str | None:
     """The DSN given or found in the environment, or None for the embedded default."""
     found = dsn or os.environ.get("ANGO_DSN") or os.environ.get("DATABASE_URL")
     if not found and os.environ.get("ANGO_DSN_FILE"):
-        found = read_secret(os.environ["ANGO_DSN_FILE"], "DSN file (ANGO_DSN_FILE)")
+        path = os.environ["ANGO_DSN_FILE"]
+        found = read_secret(path, "DSN file (ANGO_DSN_FILE)")
+        if not found:  # e.g. a Kubernetes Secret created from the template, left unfilled
+            raise ConfigurationError(f"the DSN file {path} (ANGO_DSN_FILE) is empty")
     return found or None
 
 

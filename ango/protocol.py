@@ -1,15 +1,14 @@
 """The wire protocol between Ango clients and ``ango serve`` (spec: docs/PROTOCOL.md).
 
-A frame is a 4-byte big-endian unsigned length followed by that many bytes of
-MessagePack: one map, tagged by its ``type`` key, decoded into one of the
-``msgspec.Struct`` classes below. Every request carries a client-chosen integer
+A frame (``ango.framing``) is a 4-byte big-endian unsigned length followed by
+that many bytes of MessagePack: one map, tagged by its ``type`` key, decoded
+into one of the ``msgspec.Struct`` classes below. Every request carries a client-chosen integer
 ``id`` that its response echoes, so a client may pipeline many requests and
 match responses that arrive in any order.
 """
 
 from __future__ import annotations
 
-import struct
 from typing import Annotated, Any
 
 import msgspec
@@ -18,13 +17,6 @@ import msgspec
 PROTOCOL_VERSION = 1
 #: Largest frame payload either side accepts, in bytes (the 4-byte header excluded).
 MAX_FRAME = 64 * 1024
-#: Bytes of the length prefix.
-HEADER_SIZE = 4
-
-HEADER = struct.Struct(">I")
-#: ``HEADER.unpack_from(buffer, offset) -> (length,)``.
-unpack_header = HEADER.unpack_from
-
 
 class _Message(msgspec.Struct, tag=True, tag_field="type"):
     """Common base: every message is a map with a ``type`` tag and an ``id``."""
@@ -320,12 +312,11 @@ class _Envelope(msgspec.Struct):
     id: int | None = None
 
 
-# --- encoding --------------------------------------------------------------------
+# --- decoding --------------------------------------------------------------------
 
 request_decoder = msgspec.msgpack.Decoder(Request)
 response_decoder = msgspec.msgpack.Decoder(Response)
 envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
-_encoder = msgspec.msgpack.Encoder()
 
 
 def salvage_id(payload: bytes | memoryview) -> int | None:
@@ -334,45 +325,3 @@ def salvage_id(payload: bytes | memoryview) -> int | None:
         return envelope_decoder.decode(payload).id
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-
-
-def append_frame(buffer: bytearray, message: msgspec.Struct) -> None:
-    """Append ``message`` to ``buffer`` as one length-prefixed frame."""
-    start = len(buffer)
-    # encode_into writes at the offset and resizes the buffer to fit.
-    _encoder.encode_into(message, buffer, start + HEADER_SIZE)
-    HEADER.pack_into(buffer, start, len(buffer) - start - HEADER_SIZE)
-
-
-def encode_frame(message: msgspec.Struct) -> bytes:
-    """``message`` as one length-prefixed frame."""
-    buffer = bytearray()
-    append_frame(buffer, message)
-    return bytes(buffer)
-
-
-class FrameError(Exception):
-    """The byte stream is not a sequence of valid frames."""
-
-
-def split_frames(
-    buffer: bytes | bytearray, max_frame: int = MAX_FRAME
-) -> tuple[list[memoryview], int]:
-    """Complete frame payloads at the start of ``buffer`` and the bytes they used.
-
-    Raises FrameError when a header announces more than ``max_frame`` bytes.
-    """
-    view = memoryview(buffer)
-    frames: list[memoryview] = []
-    pos = 0
-    end = len(buffer)
-    while end - pos >= HEADER_SIZE:
-        (size,) = unpack_header(buffer, pos)
-        if size > max_frame:
-            raise FrameError(f"frame of {size} bytes exceeds the maximum of {max_frame}")
-        stop = pos + HEADER_SIZE + size
-        if stop > end:
-            break
-        frames.append(view[pos + HEADER_SIZE:stop])
-        pos = stop
-    return frames, pos

@@ -72,8 +72,9 @@ from ango import audit
 from ango.allocator import partition_of
 from ango.database import migrate
 from ango.errors import AngoError, BatchExpired, Unavailable
+from ango.framing import encode_frame
 from ango.importer import import_codes
-from ango.protocol import PROTOCOL_VERSION, Claim, Hello, encode_frame
+from ango.protocol import PROTOCOL_VERSION, Claim, Hello
 
 CLIENT_ID = "c0ffee00-0000-4000-8000-0000000000c4"
 ANGO = [sys.executable, "-c", "from ango.cli import main; main()"]

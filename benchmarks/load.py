@@ -563,6 +563,8 @@ def run(seconds: float = 10.0, concurrency: int = 100, codes: int | None = None,
         with psycopg.connect(db) as conn:
             pg_version = conn.execute("SHOW server_version").fetchone()[0]
             sync_commit = conn.execute("SHOW synchronous_commit").fetchone()[0]
+    for side in sides:
+        result[side]["cpu_us_per_claim"] = cpu_per_claim(result[side])
     ango_rate = result.get("ango", {}).get("claims_per_s")
     if ango_rate is not None and "seed_sql" in result:
         result["ratio_vs_seed"] = round(ango_rate / max(1, result["seed_sql"]["claims_per_s"]), 2)
@@ -631,10 +633,32 @@ def _table(result: dict) -> str:
             split = ", ".join(f"{k} {v:.2f}" for k, v in cpu["cores"].items() if v >= 0.005)
             out.append(f"cpu {side} (cores of {cpu['machine_cores']}, machine busy "
                        f"{cpu['machine_busy_cores']:.2f}): {split}")
+    for side in ALL_SIDES:
+        per = result.get(side, {}).get("cpu_us_per_claim")
+        if per:
+            split = ", ".join(f"{k} {v:.1f}" for k, v in per.items() if k != "all")
+            out.append(f"cpu per claim {side} (µs): {split}; {per['all']:.1f} in all")
     if "targets" in result:
         out.append("targets: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}"
                                           for k, v in result["targets"].items()))
     return "\n".join(out)
+
+
+#: CPU not spent on the measured claims: other users of the machine, other databases.
+NOT_OURS = ("other_processes", "pg_other")
+
+
+def cpu_per_claim(side: dict) -> dict | None:
+    """CPU µs per claim by process kind, and ``all`` of them, from the median run's split."""
+    runs = side.get("runs") or [side]
+    ranked = sorted(runs, key=lambda r: r["claims_per_s"])
+    run = ranked[len(ranked) // 2]
+    cpu, rate = run.get("cpu"), run["claims_per_s"]
+    if not cpu or not rate:
+        return None
+    per = {k: round(v / rate * 1e6, 1) for k, v in cpu["cores"].items() if k not in NOT_OURS}
+    per["all"] = round(sum(per.values()), 1)
+    return per
 
 
 def _first_cpu(side: dict | None) -> dict | None:

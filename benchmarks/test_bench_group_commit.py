@@ -2,12 +2,13 @@
 
     .venv/bin/python -m pytest benchmarks/test_bench_group_commit.py --benchmark-enable
 
-Each round runs ``ango.shards.worker.Shard.commit`` itself — the ``issue_group``
-statement of ``ango.sql.queries`` with the parameters it builds, one
-autocommitted statement — for 1,000 claims of 1,000 fresh customers (and for
-50, the group size a shard commits at C = 100 with two shards), on codes
-leased beforehand with ``lease_block`` (outside the timing). The server is
-``ANGO_BENCH_DSN``, else Ango's own lookup; the database is made for the module
+Each round runs a shard's ``ango.shards.group_commit.GroupCommit.commit``
+itself, answering through ``Shard.answer`` — the ``issue_group`` statement of
+``ango.sql.queries`` with the parameters it builds, one autocommitted
+statement — for 1,000 claims of 1,000 fresh customers (and for 50, the group
+size a shard commits at C = 100 with two shards), on codes leased beforehand
+with ``lease_block`` (outside the timing). The server is ``ANGO_BENCH_DSN``,
+else Ango's own lookup; the database is made for the module
 (``benchmarks._db.fresh_database``) and dropped afterwards.
 """
 
@@ -24,7 +25,8 @@ import psycopg
 import pytest
 
 from ango.importer import import_codes
-from ango.shards.worker import BatchMeta, Pending, Shard
+from ango.shards.claims import BatchMeta, Pending
+from ango.shards.worker import Shard
 from ango.sql import queries
 from benchmarks._db import CLIENT, fresh_database, server_dsn, write_codes_csv
 
@@ -66,14 +68,15 @@ def test_bench_group_commit(benchmark, bench_db, ruled, size):
     sync = psycopg.connect(db, autocommit=True)
     sync.execute(queries["register_owner"], (shard.owner, shard.instance, 0, os.getpid(),
                                             socket.gethostname(), []))
-    shard.conn = loop.run_until_complete(psycopg.AsyncConnection.connect(db, autocommit=True))
+    group_commit, conn = shard.group_commit, shard.store.control
+    loop.run_until_complete(conn.connect())
 
     def setup():
         rows = sync.execute(queries["lease_block"], {"key": key, "n": size, "min": size,
                                                      "split": 2, "me": shard.owner}).fetchall()
         assert len(rows) == size
         lease = rows[0][0]
-        shard.pool.add_lease(lease, key, [row[1] for row in rows])
+        group_commit.pool.add_lease(lease, key, [row[1] for row in rows])
         now = time.monotonic()
         group = []
         for _ in range(size):
@@ -81,19 +84,19 @@ def test_bench_group_commit(benchmark, bench_db, ruled, size):
             p = Pending(tag, batch_id, f"customer-{tag}", None, uuid.uuid4().hex, now)
             p.meta = meta
             p.slot = 0 if ruled else None
-            p.code, p.lease = shard.pool.take(key)
+            p.code, p.lease = group_commit.pool.take(key)
             group.append(p)
         shard.results = []
         return (group,), {}
 
     def commit(group):
-        loop.run_until_complete(shard.commit(group, [], shard.conn))
+        loop.run_until_complete(group_commit.commit(group, [], conn))
         return sum(1 for r in shard.results if r.code is not None and r.error is None)
 
     try:
         issued = benchmark.pedantic(commit, setup=setup, rounds=ROUNDS, iterations=1)
     finally:
-        loop.run_until_complete(shard.conn.close())
+        loop.run_until_complete(conn.close(2.0))
         loop.close()
         sync.close()
     assert issued == size

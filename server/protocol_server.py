@@ -1,11 +1,11 @@
 """The protocol server: a raw ``asyncio.Protocol`` speaking docs/PROTOCOL.md.
 
 Hot path, per connection: ``data_received`` cuts frames out of the bytes with a
-``memoryview``, decodes each with one typed msgspec decoder, hands claims to
-the allocator (which batches them to its shard processes per event-loop pass)
-and appends answers to an output buffer; all connections with answers are
-written once per loop pass, so a burst of pipelined claims costs one
-``transport.write``, not one per claim.
+``FrameReader`` (memoryviews, no copies), decodes each with one typed msgspec
+decoder, hands claims to the allocator (which batches them to its shard
+processes per event-loop pass) and appends answers to a ``FrameWriter``; all
+connections with answers are written once per loop pass, so a burst of
+pipelined claims costs one ``transport.write``, not one per claim.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from ango.errors import (
     ProtocolError,
     Unavailable,
 )
+from ango.framing import FrameReader, FrameTooLarge, FrameWriter
 from ango.importer import parse_uuid
 from ango.protocol import (
-    HEADER_SIZE,
     MAX_CUSTOMER_CODES_PER_FRAME,
     PROTOCOL_VERSION,
     Batch,
@@ -61,10 +61,8 @@ from ango.protocol import (
     SetSchedule,
     Stats,
     Welcome,
-    append_frame,
     request_decoder,
     salvage_id,
-    unpack_header,
 )
 from ango.tokens import Authenticator, Scope
 
@@ -175,7 +173,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "server", "transport", "peer", "authenticated", "scope", "in_flight", "last_active",
-        "opened", "closing", "_buf", "_out", "_dirty", "_paused", "_reading_paused",
+        "opened", "closing", "_reader", "_writer", "_paused", "_reading_paused",
         "_max_in_flight", "_eof", "_tls", "_sniffing",
     )
 
@@ -189,9 +187,12 @@ class Connection(asyncio.Protocol):
         self.in_flight = 0
         self.opened = self.last_active = server.loop.time()
         self.closing = False
-        self._buf = bytearray()  # the start of a frame not yet complete (or unprocessed frames)
-        self._out = bytearray()  # answers not yet written
-        self._dirty = False
+        max_frame = server.limits.max_frame
+        # The start of a frame not yet complete (or frames not handled yet: paused).
+        self._reader = FrameReader(max_frame)
+        # Answers not yet written: once per loop pass, with every other connection's.
+        self._writer = FrameWriter(self._write, partial(server.mark_dirty, self),
+                                   max_frame=max_frame)
         self._eof = False
         self._paused = 0
         self._reading_paused = False
@@ -225,8 +226,8 @@ class Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         self.server.metrics.connection_closed(PROTOCOL)
         self.server.authenticated_or_gone(self)
-        self._out = bytearray()
-        self._buf = bytearray()
+        self._writer.clear()
+        self._reader.clear()
 
     def data_received(self, data: bytes) -> None:  # noqa: D102
         if self.closing:
@@ -236,13 +237,9 @@ class Connection(asyncio.Protocol):
             data = self._decrypt(data)
             if not data:
                 return
-        if self._buf:
-            self._buf += data
-            self._process_buffer()
-        else:
-            used = self._process(data)
-            if used < len(data) and not self.closing:
-                self._buf = bytearray(memoryview(data)[used:])
+        self._reader.feed(data)
+        if not self._paused:
+            self._process()
 
     def _decrypt(self, data: bytes) -> bytes:
         """The plain text in ``data``: TLS undone, or ``data`` itself on a plain connection."""
@@ -287,31 +284,15 @@ class Connection(asyncio.Protocol):
 
     # --- frames ----------------------------------------------------------------
 
-    def _process_buffer(self) -> None:
-        used = self._process(self._buf)
-        if used and not self.closing:
-            self._buf = self._buf[used:]
-
-    def _process(self, data: bytes | bytearray) -> int:
-        """Handle the complete frames at the start of ``data``; return the bytes used."""
-        pos = 0
-        end = len(data)
-        max_frame = self.server.limits.max_frame
-        with memoryview(data) as view:
-            while end - pos >= HEADER_SIZE and not self._paused:
-                (size,) = unpack_header(data, pos)
-                if size > max_frame:
-                    self.abort(ProtocolError.code,
-                               f"frame of {size} bytes exceeds the maximum of {max_frame}")
-                    return pos
-                stop = pos + HEADER_SIZE + size
-                if stop > end:
+    def _process(self) -> None:
+        """Handle the complete frames received, until paused or closing."""
+        try:
+            for payload in self._reader.frames():
+                self._handle(payload)
+                if self._paused or self.closing:
                     break
-                self._handle(view[pos + HEADER_SIZE:stop])
-                pos = stop
-                if self.closing:
-                    break
-        return pos
+        except FrameTooLarge as exc:
+            self.abort(ProtocolError.code, str(exc))
 
     def _handle(self, payload: memoryview) -> None:
         server = self.server
@@ -593,32 +574,25 @@ class Connection(asyncio.Protocol):
         """Queue ``msg``; it is written with everything else of this loop pass."""
         if self.closing:
             return
-        out = self._out
-        start = len(out)
-        append_frame(out, msg)
-        if len(out) - start - HEADER_SIZE > self.server.limits.max_frame:
+        try:
+            self._writer.append(msg)
+        except FrameTooLarge:
             # A peer must never meet a frame above the limit it was told: say so instead.
-            del out[start:]
             log.error("answer %s to %s does not fit in a frame", type(msg).__name__, self.peer)
-            append_frame(out, Error(msg.id, AngoError.code,
-                                    "the answer does not fit in a frame", False))
-        if not self._dirty:
-            self._dirty = True
-            self.server.mark_dirty(self)
+            self._writer.append(Error(msg.id, AngoError.code,
+                                      "the answer does not fit in a frame", False))
 
     def flush(self) -> None:
         """Write what is queued (called once per loop pass by the server)."""
-        self._dirty = False
         if self.closing:
             return
-        if self._out:
-            out = self._out
-            # The transport may keep a view of the buffer: hand it over, start a new one.
-            self._out = bytearray()
-            self.transport.write(out if self._tls is None else self._tls.wrap(out))
+        self._writer.flush()
         if self._eof and not self.in_flight and not self._paused:  # a partial frame never completes
             self.closing = True
             self.transport.close()  # after what is buffered has been written
+
+    def _write(self, frames: bytearray) -> None:
+        self.transport.write(frames if self._tls is None else self._tls.wrap(frames))
 
     def abort(self, code: str, message: str, *, retryable: bool = False) -> None:
         """Send an ``error`` frame with a nil id, then close the connection."""
@@ -627,7 +601,7 @@ class Connection(asyncio.Protocol):
         log.debug("closing connection from %s: %s", self.peer, message)
         tls = self._tls
         if tls is None or tls.ready:  # mid-handshake, there is no way to say why
-            append_frame(self._out, Error(None, code, message, retryable))
+            self._writer.append(Error(None, code, message, retryable))
             self.flush()
         self.closing = True
         if tls is not None:
@@ -649,8 +623,8 @@ class Connection(asyncio.Protocol):
     def _resume(self) -> None:
         if self._paused or self.closing or not self._reading_paused:
             return
-        if self._buf:
-            self._process_buffer()
+        if self._reader:
+            self._process()
             if self._paused or self.closing:
                 return
         self._reading_paused = False

@@ -25,8 +25,9 @@ import msgspec
 import psycopg
 from ango.server import Limits, ProtocolServer
 
+from ango.framing import HEADER_SIZE, encode_frame, unpack_header
 from ango.importer import import_codes
-from ango.protocol import PROTOCOL_VERSION, Hello, encode_frame, response_decoder, unpack_header
+from ango.protocol import PROTOCOL_VERSION, Hello, response_decoder
 
 TOKEN = "test-token-" + "x" * 20
 #: The `ango` command, run by this interpreter.
@@ -235,7 +236,7 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 def recv(sock: socket.socket) -> Any:
     """The next response frame, decoded."""
-    (size,) = unpack_header(recv_exactly(sock, 4))
+    (size,) = unpack_header(recv_exactly(sock, HEADER_SIZE))
     return response_decoder.decode(recv_exactly(sock, size))
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import ango
+from ango.framing import FrameReader, encode_frame
 from ango.importer import import_codes
 from ango.protocol import (
     MAX_FRAME,
@@ -32,10 +33,8 @@ from ango.protocol import (
     Ping,
     Pong,
     Welcome,
-    encode_frame,
     request_decoder,
     response_decoder,
-    split_frames,
 )
 from tests.hostile import module_dsn, raw  # noqa: F401 (module_dsn: a fixture)
 from tests.servers import (
@@ -211,7 +210,7 @@ class ScriptedServer:
             n += 1
 
     def _serve(self, sock: socket.socket, n: int) -> None:
-        buf = bytearray()
+        reader = FrameReader(MAX_FRAME)
         sock.settimeout(0.1)
         with sock:
             while not self._stop.is_set():
@@ -223,10 +222,8 @@ class ScriptedServer:
                     return
                 if not data:
                     return
-                buf += data
-                frames, used = split_frames(bytes(buf))
-                messages = [request_decoder.decode(bytes(f)) for f in frames]
-                del buf[:used]
+                reader.feed(data)
+                messages = [request_decoder.decode(f) for f in reader.frames()]
                 out = bytearray()
                 for msg in messages:
                     if type(msg) is Claim:

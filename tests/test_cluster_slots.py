@@ -87,20 +87,22 @@ def test_slot_of_is_the_documented_crc32():
 
 def test_a_shard_forgets_the_counters_of_slots_that_moved_away_and_only_those():
     from ango.shards import messages as m
-    from ango.shards.worker import BatchMeta, Shard
+    from ango.shards.claims import BatchMeta
+    from ango.shards.worker import Shard
 
-    shard = Shard("postgresql://unused", 0, 1, "instance", [0])
+    shard = Shard("postgresql://unused", 0, 1, "instance", [0])  # connects only in start()
+    held = shard.group_commit
     batch = "5f0c6e2a-3b7d-4c1e-9a8f-2d4b6c8e0a1f"
-    shard.batches[batch] = BatchMeta(7, "client", 2, None, False)
+    held.batches[batch] = BatchMeta(7, "client", 2, None, False)
     customers = [f"customer-{i}" for i in range(200)]
     for c in customers:
-        shard.counters.load((7, c), 2, {0: 1.0})
+        held.counters.load((7, c), 2, {0: 1.0})
     moved = {slot_of(batch, c, SLOTS) for c in customers[:50]}
     shard.receive(m.ForgetSlots(sorted(moved), SLOTS))
     kept = [c for c in customers if slot_of(batch, c, SLOTS) not in moved]
-    assert len(shard.counters) == len(kept) >= 100
+    assert len(held.counters) == len(kept) >= 100
     for c in kept:  # a kept counter still knows its taken slot
-        assert shard.counters.reserve((7, c), 2, None, 0.0) == 1
+        assert held.counters.reserve((7, c), 2, None, 0.0) == 1
 
 
 def test_a_server_outside_a_cluster_answers_an_empty_map():
@@ -115,7 +117,8 @@ def test_a_server_outside_a_cluster_answers_an_empty_map():
 def test_moved_and_forwarded_are_optional_on_the_wire():
     import msgspec
 
-    from ango.protocol import Claim, Code, encode_frame, request_decoder, response_decoder
+    from ango.framing import encode_frame
+    from ango.protocol import Claim, Code, request_decoder, response_decoder
 
     # A code answer without ``moved`` (an older server) is not moved; one that is says so.
     plain = msgspec.msgpack.encode({"type": "code", "id": 1, "code": "X"})

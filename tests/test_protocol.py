@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ango.errors import ERRORS_BY_CODE
+from ango.framing import encode_frame
 from ango.protocol import (
     MAX_FRAME,
     PROTOCOL_VERSION,
@@ -23,7 +24,6 @@ from ango.protocol import (
     Error,
     Expire,
     Expired,
-    FrameError,
     GetStats,
     Hello,
     ListBatches,
@@ -31,11 +31,9 @@ from ango.protocol import (
     Pong,
     Stats,
     Welcome,
-    encode_frame,
     request_decoder,
     response_decoder,
     salvage_id,
-    split_frames,
 )
 from tests.servers import InProcessServer, connect, hello, recv, send
 
@@ -114,15 +112,6 @@ def test_optional_fields_may_be_absent_and_unknown_fields_are_ignored():
     raw = msgspec.msgpack.encode({"type": "claim", "id": 9, "batch_id": "b", "customer_id": "c",
                                   "future_field": [1, 2]})
     assert request_decoder.decode(raw) == Claim(9, "b", "c", None, None)
-
-
-def test_split_frames_returns_complete_frames_and_stops_at_a_partial_one():
-    a, b = encode_frame(Ping(1)), encode_frame(Ping(2))
-    frames, used = split_frames(a + b[:5])
-    assert [request_decoder.decode(f) for f in frames] == [Ping(1)]
-    assert used == len(a)
-    with pytest.raises(FrameError):
-        split_frames(struct.pack(">I", MAX_FRAME + 1))
 
 
 def test_salvage_id_finds_the_id_of_an_invalid_request_only():

@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 import ango
+from ango.framing import encode_frame
 from ango.protocol import (
     CodeInfo,
     CustomerCode,
@@ -21,7 +22,6 @@ from ango.protocol import (
     ScheduleSet,
     SetRules,
     SetSchedule,
-    encode_frame,
     request_decoder,
     response_decoder,
 )

@@ -85,6 +85,11 @@ def test_the_dsn_comes_from_a_file(tmp_path, clean_env):
     clean_env.setenv("ANGO_DSN_FILE", str(tmp_path / "missing"))
     with pytest.raises(ConfigurationError, match="cannot read DSN file"):
         configured_dsn()
+    dsn_file.chmod(0o600)
+    dsn_file.write_text("\n")  # an unfilled Secret: not the embedded server instead
+    clean_env.setenv("ANGO_DSN_FILE", str(dsn_file))
+    with pytest.raises(ConfigurationError, match="DSN file .* is empty"):
+        configured_dsn()
 
 
 def test_ango_serve_reads_its_token_from_a_file_and_warns_about_one_on_the_command_line(

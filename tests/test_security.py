@@ -18,7 +18,8 @@ from ango.server import NOOP_CODE, Limits
 
 import ango
 from ango.audit import violations
-from ango.protocol import PROTOCOL_VERSION, Claim, Code, Error, Hello, Ping, Pong, encode_frame
+from ango.framing import encode_frame
+from ango.protocol import PROTOCOL_VERSION, Claim, Code, Error, Hello, Ping, Pong
 from tests.hostile import SilentFlood, module_dsn  # noqa: F401 (a fixture)
 from tests.servers import TOKEN, InProcessServer, connect, hello, new_batch, recv, send
 

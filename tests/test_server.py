@@ -17,6 +17,7 @@ import pytest
 from ango.server import NOOP_CODE, Limits
 
 import ango
+from ango.framing import encode_frame
 from ango.protocol import (
     PROTOCOL_VERSION,
     BatchList,
@@ -32,7 +33,6 @@ from ango.protocol import (
     Pong,
     Stats,
     Welcome,
-    encode_frame,
 )
 from tests.hostile import raw
 from tests.servers import (

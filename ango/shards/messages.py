@@ -1,7 +1,7 @@
-"""Messages between the Allocator and its shard processes, and their framing.
+"""Messages between the Allocator and its shard processes, and the protocol of their link.
 
-Frames are a 4-byte big-endian length followed by a msgpack body; bodies are
-msgspec tagged-union Structs encoded as arrays (compact and fast to decode).
+Frames (``ango.framing``) carry msgpack bodies: msgspec tagged-union Structs
+encoded as arrays (compact and fast to decode).
 Claims travel in batches: one frame per event-loop pass, not one per claim.
 """
 
@@ -12,6 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+
+from ango.framing import FrameReader, FrameWriter
 
 MAX_FRAME = 64 * 1024 * 1024
 
@@ -107,50 +109,39 @@ ToShard = Claims | StatsRequest | Shutdown | Ping | ForgetSlots
 FromShard = Results | Ready | StatsReply | Pong | StartFailed
 
 
-def frame(body: bytes) -> bytes:
-    """Prefix a body with its 4-byte big-endian length."""
-    return len(body).to_bytes(4, "big") + body
-
-
 class FramedProtocol(asyncio.Protocol):
-    """Reads length-prefixed frames and hands each decoded message to ``on_message``."""
+    """Reads frames and hands each decoded message to ``on_message``; writes each sent at once.
+
+    A frame over ``MAX_FRAME`` raises FrameTooLarge out of ``data_received``:
+    the transport closes and ``on_lost`` hears why.
+    """
 
     def __init__(self, decoder: msgspec.msgpack.Decoder, on_message: Callable[[Any], None],
                  on_lost: Callable[[Exception | None], None]) -> None:
         self._decoder = decoder
         self._on_message = on_message
         self._on_lost = on_lost
-        self._buffer = bytearray()
+        self._reader = FrameReader(MAX_FRAME)
+        self._writer = FrameWriter(self._write, None, max_frame=MAX_FRAME)
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buffer
-        buf += data
-        view = memoryview(buf)
-        pos = 0
-        end = len(buf)
-        try:
-            while end - pos >= 4:
-                size = int.from_bytes(view[pos:pos + 4], "big")
-                if size > MAX_FRAME:
-                    raise ValueError(f"frame of {size} bytes exceeds {MAX_FRAME}")
-                if end - pos - 4 < size:
-                    break
-                message = self._decoder.decode(view[pos + 4:pos + 4 + size])
-                pos += 4 + size
-                self._on_message(message)
-        finally:
-            view.release()
-        if pos:
-            del buf[:pos]
+        self._reader.feed(data)
+        decode = self._decoder.decode
+        on_message = self._on_message
+        for payload in self._reader.frames():
+            on_message(decode(payload))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._on_lost(exc)
 
-    def send(self, message: Any, encoder: msgspec.msgpack.Encoder) -> None:
+    def send(self, message: Any) -> None:
         """Encode and write one message (no-op once the link is closed)."""
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame(encoder.encode(message)))
+            self._writer.append(message)
+
+    def _write(self, frame: bytearray) -> None:
+        self.transport.write(frame)

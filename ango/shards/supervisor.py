@@ -114,7 +114,6 @@ class ShardHandle:
         self.in_flight: dict[int, tuple[asyncio.Future[str], m.Claim, int, float]] = {}
         self.outbox: list[m.Claim] = []
         self.flush_scheduled = False
-        self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(m.FromShard)
         self.watcher: asyncio.Task[None] | None = None
         self.pinger: asyncio.Task[None] | None = None
@@ -149,7 +148,7 @@ class ShardHandle:
         try:
             ready = await asyncio.wait_for(asyncio.shield(self.ready), READY_TIMEOUT_S)
         except (TimeoutError, ConnectionError) as exc:
-            self.process.kill()
+            self.kill()  # not process.kill(): it raises once the process has exited and been reaped
             raise Unavailable(
                 f"shard {self.index} did not start: {exc or 'no answer'} (each shard holds "
                 f"{connections_per_shard()} PostgreSQL connections; {self.count} shard(s) and the "
@@ -246,7 +245,7 @@ class ShardHandle:
             self.kill()
             return
         self.pings += 1
-        self.link.send(m.Ping(self.pings), self.encoder)
+        self.link.send(m.Ping(self.pings))
 
     def _expire_claims(self, now: float) -> None:
         """Answer ``Unavailable`` to the claims past their deadline (oldest first)."""
@@ -299,17 +298,17 @@ class ShardHandle:
         if not self.alive or not self.outbox:
             return  # sent after the restart
         claims, self.outbox = self.outbox, []
-        self.link.send(m.Claims(claims), self.encoder)
+        self.link.send(m.Claims(claims))
 
     def request_stats(self, tag_id: int) -> None:
         """Ask for counters; the reply goes to ``on_stats``."""
         if self.alive:
-            self.link.send(m.StatsRequest(tag_id), self.encoder)
+            self.link.send(m.StatsRequest(tag_id))
 
     def forget_slots(self, slots: list[int], slot_count: int) -> None:
         """Have the shard drop the counters of these routing slots (moved away)."""
         if self.alive:
-            self.link.send(m.ForgetSlots(slots, slot_count), self.encoder)
+            self.link.send(m.ForgetSlots(slots, slot_count))
 
     def kill(self) -> None:
         """SIGKILL the current process (tests and chaos runs)."""
@@ -328,7 +327,7 @@ class ShardHandle:
         self.closing = True
         if self.alive:
             self._flush()
-            self.link.send(m.Shutdown(), self.encoder)
+            self.link.send(m.Shutdown())
         else:
             # Starting or restarting: no claim was sent to this process yet (they
             # go out once it is ready), so there is nothing to drain; what it has
