@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 
+import psutil
 import psycopg
 import pytest
 
@@ -54,10 +55,12 @@ def restart(proc: ServeProcess, index: int, dsn: str) -> ServeProcess:
 def test_three_instances_share_slots_forward_claims_and_survive_failures(dsn):
     proxy = PgProxy(dsn)  # ango-2 reaches PostgreSQL only through it
     dsns = [dsn, dsn, proxy.dsn]
-    procs = [instance(i, dsns[i]).start() for i in range(3)]
+    procs = [instance(i, dsns[i]) for i in range(3)]
     times: dict[str, float] = {}
     load = None
     try:
+        for p in procs:
+            p.start()
         times["join_balanced_s"] = wait_for(lambda: balanced(dsn, set(NAMES)), "balanced")
         wait_for(lambda: all(_ready(p) for p in procs), "every instance ready", timeout=30)
         # Each instance re-reads the map every beat: soon each answers what PostgreSQL holds.
@@ -96,15 +99,13 @@ def test_three_instances_share_slots_forward_claims_and_survive_failures(dsn):
         assert 'ango_cluster_forwarded_total{peer="ango-1"}' in exported
 
         # kill -9: its slots move to the others.
-        killed = time.monotonic()
-        procs[1].kill()
+        _kill_tree(procs[1])  # as a pod dies: the instance and its shard processes
         times["kill9_slots_moved_s"] = wait_for(
             lambda: ownership(dsn)[0].get("ango-1", 0) == 0 and None not in ownership(dsn)[0],
             "slots of the killed instance taken", timeout=60)
         times["kill9_balanced_s"] = wait_for(
             lambda: balanced(dsn, {"ango-0", "ango-2"}), "rebalanced over two", timeout=60) + \
             times["kill9_slots_moved_s"]
-        del killed
         checkpoint("kill -9")
 
         # Restart it: it gets its share back.
@@ -174,7 +175,7 @@ def test_three_instances_share_slots_forward_claims_and_survive_failures(dsn):
         if load is not None:
             load.stop()
         for p in procs:
-            p.kill()
+            _kill_tree(p)
         proxy.cut()
 
 
@@ -226,9 +227,11 @@ def test_instances_serving_tls_forward_to_each_other_over_tls(dsn, tmp_path):
 
     cert, key = self_signed(tmp_path)
     procs = [ServeProcess("--dsn", dsn, "--shards", "1", "--instance-name", f"tls-{i}",
-                          "--tls-cert", cert, "--tls-key", key, env={"ANGO_TOKEN": TOKEN}).start()
+                          "--tls-cert", cert, "--tls-key", key, env={"ANGO_TOKEN": TOKEN})
              for i in range(2)]
     try:
+        for p in procs:
+            p.start()
         wait_for(lambda: balanced(dsn, {"tls-0", "tls-1"}), "balanced")
         for p in procs:  # each knows the other's slots
             wait_for(lambda p=p: _map_matches(dsn, p.port, ssl.create_default_context(
@@ -244,7 +247,7 @@ def test_instances_serving_tls_forward_to_each_other_over_tls(dsn, tmp_path):
         assert peers["tls-1"]["served_here_instead"] == 0
     finally:
         for p in procs:
-            p.kill()
+            _kill_tree(p)
 
 
 @pytest.mark.parametrize(("option", "value", "said"), [
@@ -262,10 +265,29 @@ def test_bad_cluster_options_are_refused_saying_what(option, value, said):
 
 def test_two_live_processes_with_one_instance_name_are_reported(dsn):
     procs = [ServeProcess("--dsn", dsn, "--shards", "1", "--instance-name", "twin",
-                          env={"ANGO_TOKEN": TOKEN}).start() for _ in range(2)]
+                          env={"ANGO_TOKEN": TOKEN}) for _ in range(2)]
     try:
+        for p in procs:
+            p.start()
         wait_for(lambda: any("another live process uses the instance name 'twin'" in p.stderr
                              for p in procs), "the shared name reported", timeout=30)
     finally:
         for p in procs:
-            p.kill()
+            _kill_tree(p)
+
+
+def _kill_tree(proc: ServeProcess) -> None:
+    """SIGKILL the instance and its shard processes (a shard whose parent was killed
+    alone lives on, holding its PostgreSQL connections)."""
+    if proc.proc is None:
+        return
+    try:
+        children = psutil.Process(proc.proc.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    proc.kill()
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
