@@ -23,7 +23,7 @@ import re
 import uuid
 import zlib
 from collections.abc import Awaitable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ango import batches as batches_lib
 from ango import cpus, database
@@ -40,6 +40,12 @@ from ango.shards.supervisor import (
     connections_per_shard,
 )
 from ango.tally import GROUP_SIZE_BUCKETS, SECONDS_BUCKETS, Tally, merged
+
+if TYPE_CHECKING:
+    import ssl
+
+    from ango.cluster.membership import Membership
+    from ango.cluster.router import Router
 
 log = logging.getLogger("ango.allocator")
 
@@ -99,9 +105,14 @@ def shards_for(requested: int | None, budget: database.ConnectionBudget,
         f"CONNECTION LIMIT, or close other connections")
 
 
+def _hash(batch_id: str, customer_id: str) -> int:
+    """The hash both the local partition and the cluster's routing slot are taken from."""
+    return zlib.crc32(f"{batch_id}/{customer_id}".encode())
+
+
 def partition_of(batch_id: str, customer_id: str, partitions: int) -> int:
     """The partition owning a customer's counters in a batch (stable across processes)."""
-    return zlib.crc32(f"{batch_id}/{customer_id}".encode()) % partitions
+    return _hash(batch_id, customer_id) % partitions
 
 
 class Allocator:
@@ -127,6 +138,13 @@ class Allocator:
         self._stats_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._open = False
         self.database: DatabaseWatch | None = None
+        # Cluster (issue 13): set by join_cluster; without it every slot is served here.
+        self.router: Router | None = None
+        self.membership: Membership | None = None
+        self.slots = 0
+        #: Whether the last claim() went to (or waits for) another instance: the
+        #: protocol server reads it right after the call for the answer's ``moved``.
+        self.last_claim_moved = False
 
     async def __aenter__(self) -> Allocator:
         await self.start()
@@ -167,22 +185,55 @@ class Allocator:
         with database.connect(self.dsn) as conn:
             return database.partition_count(conn), database.connection_budget(conn)
 
+    async def join_cluster(self, name: str, address: str, token: str, *,
+                           tls: ssl.SSLContext | None = None) -> None:
+        """Take part in the cluster of instances on this database (see ango.cluster):
+        heartbeat as ``name``, reachable at ``address`` (host:port) with ``token``
+        (over TLS with ``tls``, a client context), take a fair share of the routing
+        slots and forward claims of the others'."""
+        from ango.cluster.membership import Membership
+        from ango.cluster.router import Router
+
+        self.slots = await self._read(database.routing_slot_count)
+        self.router = Router(name, self.slots, token, self._forget_slots, tls)
+        self.membership = Membership(name, address, self.dsn, self.router, self._drain_slots)
+        await self.membership.start()
+
+    def _forget_slots(self, slots: list[int]) -> None:
+        for shard in self._shards:
+            shard.forget_slots(slots, self.slots)
+
+    async def _drain_slots(self, slots: list[int]) -> None:
+        """Wait until the claims in flight here for ``slots`` are answered."""
+        chosen = set(slots)
+        count = self.slots
+        waits = [future for shard in self._shards for future, claim, *_ in shard.in_flight.values()
+                 if _hash(claim.batch_id, claim.customer_id) % count in chosen]
+        if waits:
+            await asyncio.wait(waits)
+
     async def close(self) -> None:
-        """Finish the claims in flight, stop the shards, release their leases."""
+        """Finish the claims in flight, leave the cluster, stop the shards, release leases."""
         if not self._shards:
             return
         self._open = False
+        if self.membership is not None:
+            await self._drain_slots(list(range(self.slots)))
+            await self.membership.leave()
         if self.database is not None:
             await self.database.close()
         await asyncio.gather(*(s.stop() for s in self._shards), return_exceptions=True)
         self._shards = []
 
     def claim(self, batch_id: str, customer_id: str, *, client_id: str | None = None,
-              request_id: str | None = None) -> Awaitable[str]:
+              request_id: str | None = None, forwarded: bool = False) -> Awaitable[str]:
         """Hand one code of the batch to the customer; resolves after it is committed.
 
         Raises BatchNotFound, BatchExpired, BatchExhausted, RuleViolation,
         InvalidInput, or Unavailable (retry with the same ``request_id``).
+        In a cluster, a claim whose routing slot another instance owns is
+        forwarded to it (served here if it cannot be reached); ``forwarded``
+        claims came from another instance and are served here.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
@@ -197,9 +248,45 @@ class Allocator:
         except Exception as exc:
             future.set_exception(exc)
             return future
-        shard = self._route[partition_of(bid, customer, self.partitions)]
-        shard.submit(m.Claim(next(self._tags), bid, customer, client, request), future)
+        h = _hash(bid, customer)
+        router = self.router
+        if router is None or forwarded:
+            self.last_claim_moved = False
+            self._route[h % self.partitions].submit(
+                m.Claim(next(self._tags), bid, customer, client, request), future)
+            return future
+        # Ownership only places the customer's counters; PostgreSQL arbitrates the
+        # claim wherever it is served, so serving it here instead is always correct.
+        self.last_claim_moved = router.route(
+            h % self.slots, bid, customer, client, request, future,
+            functools.partial(self._serve_here, h, bid, customer, client, request, future))
         return future
+
+    def _serve_here(self, h: int, bid: str, customer: str, client: str | None, request: str,
+                    future: asyncio.Future[str]) -> None:
+        if future.done():
+            return
+        if not self._open:
+            future.set_exception(Unavailable("the allocator is not running"))
+            return
+        self._route[h % self.partitions].submit(
+            m.Claim(next(self._tags), bid, customer, client, request), future)
+
+    def partition_map(self) -> dict[str, Any]:
+        """Who owns each routing slot, for the ``partition_map`` message (docs/PROTOCOL.md)."""
+        from ango.cluster.slots import HASH_DEFINITION
+
+        router = self.router
+        if router is None:
+            return {"version": 0, "slots": 0, "hash": HASH_DEFINITION, "addresses": [],
+                    "owners": []}
+        live = router.addresses
+        addresses = sorted(set(live.values()))
+        index = {name: addresses.index(address) for name, address in live.items()}
+        return {"version": router.version, "slots": router.slots, "hash": HASH_DEFINITION,
+                "addresses": addresses,
+                "owners": [index.get(owner, -1) if owner is not None else -1
+                           for owner in router.owners]}
 
     async def expire(self, batch_id: str, *, client_id: str | None = None) -> bool:
         """Expire a batch; once this returns no claim of it succeeds (I5).
@@ -340,6 +427,7 @@ class Allocator:
             "database": {"up": database.up if database else False,
                          "error": database.error if database else "not started"},
             "per_shard": per_shard,
+            **({"cluster": self.membership.stats()} if self.membership else {}),
         }
 
     def group_commits(self) -> tuple[Tally, Tally]:
@@ -383,7 +471,15 @@ class Allocator:
         down = [s["shard"] for s in per_shard if not s.get("alive") or "error" in s]
         reasons["shards"] = (f"{len(per_shard)} of {len(per_shard)} alive" if not down else
                              f"not serving: {', '.join(map(str, down))}")
-        return db_error is None and not down, reasons
+        membership = self.membership
+        cluster_ok = True
+        if membership is not None:
+            owned = len(self.router.mine)
+            cluster_ok = membership.joined and owned > 0
+            reasons["cluster"] = (f"owns {owned} of {self.slots} routing slots" if cluster_ok
+                                  else "has not joined the cluster's map yet" if
+                                  not membership.joined else "owns no routing slot yet")
+        return db_error is None and not down and cluster_ok, reasons
 
     def kill_shard(self, index: int) -> None:
         """SIGKILL shard ``index`` (chaos runs and tests); it is restarted at once."""

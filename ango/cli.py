@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -296,6 +297,25 @@ def token_revoke(name: str, dsn: str | None, data_dir: str | None) -> None:
     click.echo(f"revoked {name}")
 
 
+def _instance_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
+        raise click.BadParameter(f"must be 1-63 letters, digits, '.', '_' or '-' starting with a "
+                                 f"letter or digit, got {value[:80]!r}")
+    return value
+
+
+def _advertise(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from ango.cluster.forwarding import split_address
+
+    try:
+        split_address(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 @main.command()
 @_dsn_option
 @_data_dir_option
@@ -339,11 +359,19 @@ def token_revoke(name: str, dsn: str | None, data_dir: str | None) -> None:
 @click.option("--http-no-auth", is_flag=True,
               help="The original's behaviour: HTTP requests need no token. Only on a "
                    "trusted network; warned about in the log.")
+@click.option("--instance-name", envvar="ANGO_INSTANCE_NAME", default=None,
+              callback=_instance_name,
+              help="This instance's name in the cluster of instances on one database, e.g. "
+                   "a StatefulSet pod's (else ANGO_INSTANCE_NAME; default: host name and a "
+                   "random suffix).")
+@click.option("--advertise", envvar="ANGO_ADVERTISE", default=None, callback=_advertise,
+              help="HOST:PORT other instances and cluster-aware clients reach this one at "
+                   "(else ANGO_ADVERTISE; default: the address listened on).")
 def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: int | None,
           token: str | None, token_file: str | None, noop: bool, db_wait: float,
           log_level: str, log_format: str, tls_cert: str | None, tls_key: str | None,
           tls_required: bool, http_host: str, http_port: int | None, no_http: bool,
-          http_no_auth: bool) -> None:
+          http_no_auth: bool, instance_name: str | None, advertise: str | None) -> None:
     """Serve claims over TCP (docs/PROTOCOL.md) and HTTP until SIGTERM or SIGINT."""
     import logging
 
@@ -379,6 +407,7 @@ def serve(dsn: str | None, data_dir: str | None, host: str, port: int, shards: i
         run_server(dsn=dsn, data_dir=data_dir, token=token, host=host, port=port, shards=shards,
                    noop=noop, tls_cert=tls_cert, tls_key=tls_key, tls_required=tls_required,
                    http_host=http_host, http_port=http_port, http_no_auth=http_no_auth,
+                   instance_name=instance_name, advertise=advertise,
                    on_ready=lambda *where: log_startup(*where, note=f"{tls_mode}, {token_source}"))
     except OSError as exc:
         reason = exc.strerror or exc

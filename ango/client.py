@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -54,10 +54,12 @@ from ango.protocol import (
     Error,
     Expire,
     Expired,
+    GetPartitionMap,
     GetStats,
     Hello,
     ListBatches,
     Lookup,
+    PartitionMap,
     RulesSet,
     ScheduleSet,
     SetRules,
@@ -66,6 +68,9 @@ from ango.protocol import (
     Welcome,
     response_decoder,
 )
+
+if TYPE_CHECKING:
+    from ango.cluster.client_routes import ClaimRoutes, SyncClaimRoutes
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7878
@@ -236,12 +241,15 @@ class Client:
     ``ssl.SSLContext`` is used as given (e.g. ``ssl.create_default_context(cafile=...)``).
     ``wait_for_server=False``: a refused first connection raises
     ServerUnreachable at once rather than being retried until ``timeout``.
+    ``cluster=True``: send each claim straight to the instance owning its
+    routing slot (see ango.cluster.client_routes); other calls go to ``host:port``.
     """
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
                  timeout: float = 5.0, *, data_dir: str | None = None,
                  tls: bool | ssl.SSLContext | None = None,
-                 wait_for_server: bool = True) -> None:
+                 wait_for_server: bool = True, cluster: bool = False) -> None:
+        self._routes: SyncClaimRoutes | None = None
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -256,6 +264,11 @@ class Client:
         self._fail_refused = not wait_for_server  # until a connection succeeded
         with self._lock:
             self._retrying(lambda: None, time.monotonic() + timeout)
+        if cluster:
+            from ango.cluster.client_routes import SyncClaimRoutes
+
+            self._routes = SyncClaimRoutes(self)
+            self._routes.refresh()
 
     # --- public API ----------------------------------------------------------------
 
@@ -269,11 +282,22 @@ class Client:
         """
         rid = request_id or new_request_id()
         try:
+            routes = self._routes
+            if routes is not None:
+                code = routes.claim(batch_id, customer_id, client_id, rid)
+                if code is not None:
+                    return code
             resp = self._request(lambda i: Claim(i, batch_id, customer_id, client_id, rid), Code)
         except AngoError as exc:
             exc.request_id = rid
             raise
+        if resp.moved and routes is not None:
+            routes.stale()
         return resp.code
+
+    def partition_map(self) -> dict[str, Any]:
+        """Which instance owns each routing slot (``partition_map_reply`` in docs/PROTOCOL.md)."""
+        return _fields(self._request(GetPartitionMap, PartitionMap))
 
     def batches(self) -> list[dict[str, Any]]:
         """Every batch with its counts, as dicts (fields as in docs/PROTOCOL.md), page by page."""
@@ -321,6 +345,8 @@ class Client:
     def close(self) -> None:
         """Close the connection; the client cannot be used afterwards."""
         self._closed = True
+        if self._routes is not None:
+            self._routes.close()
         self._drop()
 
     def __enter__(self) -> Client:
@@ -563,13 +589,21 @@ class AsyncClient:
     Create it with ``await AsyncClient.connect(...)`` (or ``async with await
     AsyncClient.connect(...) as client``). ``token`` defaults to ``ANGO_TOKEN``,
     else the token file in the data directory; ``timeout`` bounds every call,
-    retries included; ``tls`` as for :class:`Client`.
+    retries included; ``tls`` as for :class:`Client`. ``cluster=True``: learn
+    which instance of a cluster owns each routing slot and send each claim
+    straight to it (see ango.cluster.client_routes); other calls go to
+    ``host:port``.
     """
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
                  timeout: float = 5.0, *, data_dir: str | None = None,
                  tls: bool | ssl.SSLContext | None = None,
-                 wait_for_server: bool = True) -> None:
+                 wait_for_server: bool = True, cluster: bool = False) -> None:
+        self._routes: ClaimRoutes | None = None
+        if cluster:
+            from ango.cluster.client_routes import ClaimRoutes
+
+            self._routes = ClaimRoutes(self)
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -585,12 +619,15 @@ class AsyncClient:
                       token: str | None = None, timeout: float = 5.0, *,
                       data_dir: str | None = None,
                       tls: bool | ssl.SSLContext | None = None,
-                      wait_for_server: bool = True) -> AsyncClient:
-        """A connected client (the handshake done, retried until ``timeout``)."""
+                      wait_for_server: bool = True, cluster: bool = False) -> AsyncClient:
+        """A connected client (the handshake done, retried until ``timeout``); with
+        ``cluster``, the partition map fetched too."""
         client = cls(host, port, token, timeout, data_dir=data_dir, tls=tls,
-                     wait_for_server=wait_for_server)
+                     wait_for_server=wait_for_server, cluster=cluster)
         loop = asyncio.get_running_loop()
         await client._connection(loop.time() + timeout)
+        if client._routes is not None:
+            await client._routes.refresh()
         return client
 
     # --- public API ----------------------------------------------------------------
@@ -605,6 +642,11 @@ class AsyncClient:
         """
         rid = request_id or new_request_id()
         try:
+            routes = self._routes
+            if routes is not None:
+                code = await routes.claim(batch_id, customer_id, client_id, rid)
+                if code is not None:
+                    return code
             conn = self._conn
             if conn is not None and not conn.closed:  # the hot path: no closure, no retry loop
                 loop = conn.loop
@@ -619,6 +661,8 @@ class AsyncClient:
                     pass  # retried below, with the same request id
                 else:
                     if type(resp) is Code:
+                        if resp.moved and routes is not None:
+                            routes.stale()
                         return resp.code
                     if type(resp) is not Error:
                         raise _unexpected(resp)
@@ -631,6 +675,10 @@ class AsyncClient:
         except AngoError as exc:
             exc.request_id = rid
             raise
+
+    async def partition_map(self) -> dict[str, Any]:
+        """Which instance owns each routing slot (``partition_map_reply`` in docs/PROTOCOL.md)."""
+        return _fields(await self._request(GetPartitionMap, PartitionMap))
 
     async def batches(self) -> list[dict[str, Any]]:
         """Every batch with its counts, as dicts (fields as in docs/PROTOCOL.md), page by page."""
@@ -680,6 +728,8 @@ class AsyncClient:
     async def close(self) -> None:
         """Close the connection; the client cannot be used afterwards."""
         self._closed = True
+        if self._routes is not None:
+            await self._routes.close()
         if self._conn is not None:
             self._conn.close()
             self._conn = None

@@ -166,6 +166,11 @@ def migrate(dsn: str, partitions: int = DEFAULT_PARTITIONS) -> list[str]:
     return applied
 
 
+def routing_slot_count(conn: psycopg.Connection) -> int:
+    """The cluster's routing slot count (migration 0007), fixed once created."""
+    return conn.execute(queries["routing_slot_count"]).fetchone()[0]
+
+
 def ready_dsn(dsn: str | None = None, data_dir: str | None = None) -> str:
     """Resolve the DSN and make sure the schema is there."""
     found = resolve_dsn(dsn, data_dir)

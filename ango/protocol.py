@@ -38,14 +38,20 @@ class Hello(_Message, tag="hello"):
     client: str | None = None
 
 
-class Claim(_Message, tag="claim"):
-    """Ask for a code of ``batch_id`` for ``customer_id``."""
+class Claim(_Message, tag="claim", omit_defaults=True):
+    """Ask for a code of ``batch_id`` for ``customer_id``.
+
+    ``forwarded`` (protocol 1, added with issue 13): set by an instance that
+    forwards the claim to the owner of its routing slot; the receiver serves it
+    itself and never forwards it again.
+    """
 
     id: int
     batch_id: str
     customer_id: str
     client_id: str | None = None
     request_id: str | None = None
+    forwarded: bool = False
 
 
 class ListBatches(_Message, tag="batches"):
@@ -127,8 +133,14 @@ class DeleteBatch(_Message, tag="delete"):
     purge: bool = False
 
 
+class GetPartitionMap(_Message, tag="partition_map"):
+    """Ask which instance owns each routing slot (issue 13): ``partition_map_reply``."""
+
+    id: int
+
+
 Request = (Hello | Claim | ListBatches | Expire | GetStats | Ping | Lookup | CustomerCodes
-    | SetRules | SetSchedule | DeleteBatch)
+    | SetRules | SetSchedule | DeleteBatch | GetPartitionMap)
 
 
 # --- responses (server to client) ------------------------------------------------
@@ -145,11 +157,17 @@ class Welcome(_Message, tag="welcome"):
     idle_timeout: float
 
 
-class Code(_Message, tag="code"):
-    """Answer to ``claim``: the code, committed before this frame was sent."""
+class Code(_Message, tag="code", omit_defaults=True):
+    """Answer to ``claim``: the code, committed before this frame was sent.
+
+    ``moved`` (added with issue 13; absent means false): the instance that
+    answered does not own the claim's routing slot (it forwarded the claim):
+    a client routing claims itself should fetch the ``partition_map`` again.
+    """
 
     id: int
     code: str
+    moved: bool = False
 
 
 class Batch(msgspec.Struct):
@@ -266,8 +284,26 @@ class Deleted(_Message, tag="deleted"):
     issues_deleted: int
 
 
+class PartitionMap(_Message, tag="partition_map_reply"):
+    """Answer to ``partition_map``: who owns each routing slot.
+
+    ``version`` grows whenever an owner changes; ``slots`` is the slot count and
+    ``hash`` how a claim's slot is computed (docs/PROTOCOL.md); ``owners[s]`` is
+    an index into ``addresses`` (``host:port`` of an instance) or -1 when the
+    slot has no live owner (send its claims to any instance). Empty
+    ``addresses``: not a cluster; send every claim to this instance.
+    """
+
+    id: int
+    version: int
+    slots: int
+    hash: str
+    addresses: list[str]
+    owners: list[int]
+
+
 Response = (Welcome | Code | BatchList | Expired | Stats | Pong | Error | CodeInfo
-            | CustomerCodeList | RulesSet | ScheduleSet | Deleted)
+            | CustomerCodeList | RulesSet | ScheduleSet | Deleted | PartitionMap)
 
 
 class _Envelope(msgspec.Struct):

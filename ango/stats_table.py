@@ -34,6 +34,15 @@ def stats_lines(stats: dict[str, Any]) -> list[str]:
             f"in flight {stats['in_flight']}  database "
             + ("up" if database.get("up") else f"DOWN ({database.get('error')})"))
         lines.append(f"held            leases {stats['leases_held']}  codes {stats['codes_held']}")
+    cluster = stats.get("cluster")
+    if cluster:
+        forwarded = sum(p.get("forwarded", 0) for p in cluster.get("peers", {}).values())
+        lines.append(
+            f"cluster         {cluster['instance']} at {cluster['address']}  owns "
+            f"{cluster['slots_owned']}/{cluster['slots']} slots (fair share "
+            f"{cluster.get('fair_share')})  instances {len(cluster.get('instances_live', []))}  "
+            f"map v{cluster.get('map_version')}  forwarded {forwarded}"
+            + ("" if cluster.get("joined") else "  NOT JOINED"))
     if metrics:
         latency = metrics.get("claim_seconds", {})
         lines.append(f"claims          {_pairs({k: v for k, v in metrics['claims'].items() if v})}")

@@ -130,7 +130,8 @@ class Drive:
 async def drive(port: int, token: str, batch: str, concurrency: int, connections: int,
                 seconds: float, warmup: float = 0.5, *, budget: int | None = None,
                 keep_codes: bool = False, prefix: str = "c",
-                on_window: tuple | None = None, tls: ssl.SSLContext | None = None) -> Drive:
+                on_window: tuple | None = None, tls: ssl.SSLContext | None = None,
+                cluster: bool = False) -> Drive:
     """Keep ``concurrency`` claims in flight for ``warmup`` + ``seconds``.
 
     Claims run on ``connections`` clients (claim ``w`` uses client ``w %
@@ -140,9 +141,11 @@ async def drive(port: int, token: str, batch: str, concurrency: int, connections
     window ends are awaited. ``budget`` caps the claims started (so a small
     batch is not run dry: the window then ends when the budget is spent).
     ``on_window`` is a pair of callables run at the window's start and end
-    (e.g. CPU samples).
+    (e.g. CPU samples). ``cluster``: cluster-aware clients (claims straight to
+    the owner of their routing slot; ``port`` only serves the map).
     """
-    clients = [await ango.AsyncClient.connect(port=port, token=token, timeout=30, tls=tls)
+    clients = [await ango.AsyncClient.connect(port=port, token=token, timeout=30, tls=tls,
+                                              cluster=cluster)
                for _ in range(connections)]
     loop = asyncio.get_running_loop()
     result = Drive()

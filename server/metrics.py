@@ -242,12 +242,38 @@ class Metrics:
             yield GaugeMetricFamily("ango_codes_held",
                                     "Codes the live shards hold in memory, unissued.",
                                     value=self._held["codes"])
+        membership = getattr(alloc, "membership", None)
+        if membership is not None:
+            yield from _cluster_families(membership)
         available = GaugeMetricFamily("ango_codes_available",
                                       "Codes not yet issued, per unexpired batch.",
                                       labels=["batch", "name"])
         for bid, name, n in self._available:
             available.add_metric([bid, name], n)
         yield available
+
+
+def _cluster_families(membership: Any) -> Iterator[Metric]:
+    """This instance's part in the cluster: slots, instances, forwarding per peer."""
+    found = membership.stats()
+    yield GaugeMetricFamily("ango_cluster_slots_owned", "Routing slots this instance owns.",
+                            value=found["slots_owned"])
+    yield GaugeMetricFamily("ango_cluster_instances_live",
+                            "Live instances in the cluster, as of the last beat.",
+                            value=len(found["instances_live"]))
+    yield GaugeMetricFamily("ango_cluster_joined",
+                            "1 while this instance's heartbeat reaches PostgreSQL.",
+                            value=1 if found["joined"] else 0)
+    yield CounterMetricFamily("ango_cluster_beat_failures", "Heartbeats that failed.",
+                              value=found["beat_failures"])
+    peers = found["peers"]
+    yield _labelled(CounterMetricFamily(
+        "ango_cluster_forwarded", "Claims forwarded to the owner of their slot, per peer.",
+        labels=["peer"]), {name: p["forwarded"] for name, p in peers.items()})
+    yield _labelled(CounterMetricFamily(
+        "ango_cluster_served_here_instead",
+        "Claims of another instance's slot served here: the owner could not be reached.",
+        labels=["peer"]), {name: p["served_here_instead"] for name, p in peers.items()})
 
 
 def _read_available(dsn: str) -> list[tuple[str, str, int]]:

@@ -47,10 +47,12 @@ from ango.protocol import (
     Error,
     Expire,
     Expired,
+    GetPartitionMap,
     GetStats,
     Hello,
     ListBatches,
     Lookup,
+    PartitionMap,
     Ping,
     Pong,
     RulesSet,
@@ -81,8 +83,18 @@ _PAUSE_IN_FLIGHT = 2  # max_in_flight requests unanswered
 _PAUSE_AUTH = 4  # a wrong token is being answered, slowly
 
 
+#: The ``partition_map`` answer of a server that is not in a cluster (noop, a stand-in).
+_NO_CLUSTER: dict[str, Any] = {"version": 0, "slots": 0, "hash": "", "addresses": [],
+                               "owners": []}
+
+
 class AllocatorLike(Protocol):
-    """What the server needs of ``ango.allocator.Allocator``."""
+    """What the server needs of ``ango.allocator.Allocator``.
+
+    A cluster's Allocator also takes ``forwarded=True`` in ``claim``, sets
+    ``last_claim_moved`` and answers ``partition_map()``; the server uses them
+    when present.
+    """
 
     def claim(self, batch_id: str, customer_id: str, *, client_id: str | None = None,
               request_id: str | None = None) -> Awaitable[str]: ...
@@ -319,6 +331,9 @@ class Connection(asyncio.Protocol):
                 self.send(Stats(msg.id, dict(server.stats(), metrics=server.metrics.summary())))
             else:
                 self._call(msg.id, server.metrics.stats(), self._stats_reply)
+        elif kind is GetPartitionMap:
+            found = getattr(alloc, "partition_map", None)
+            self.send(PartitionMap(msg.id, **(found() if found else _NO_CLUSTER)))
         elif kind is ListBatches:
             if alloc is None:
                 self.send(BatchList(msg.id, []))
@@ -408,14 +423,21 @@ class Connection(asyncio.Protocol):
             except AngoError as exc:
                 self.send(error_frame(msg.id, exc))
                 return
-        waiter = alloc.claim(
-            msg.batch_id, msg.customer_id, client_id=client_id, request_id=msg.request_id)
+        if msg.forwarded:  # from another instance: served here, never forwarded again
+            waiter = alloc.claim(msg.batch_id, msg.customer_id, client_id=client_id,
+                                 request_id=msg.request_id, forwarded=True)
+        else:
+            waiter = alloc.claim(
+                msg.batch_id, msg.customer_id, client_id=client_id, request_id=msg.request_id)
+        # Read right after the call (same loop pass): this instance does not own the slot.
+        moved = getattr(alloc, "last_claim_moved", False)
         if _iscoroutine(waiter):
             waiter = server.loop.create_task(waiter)
         self._started()
-        waiter.add_done_callback(partial(self._claim_done, msg.id, _clock()))
+        waiter.add_done_callback(partial(self._claim_done, msg.id, _clock(), moved))
 
-    def _claim_done(self, request_id: int, started: float, task: asyncio.Task) -> None:
+    def _claim_done(self, request_id: int, started: float, moved: bool,
+                    task: asyncio.Task) -> None:
         self._finished()
         metrics = self.server.metrics
         if task.cancelled():
@@ -426,7 +448,7 @@ class Connection(asyncio.Protocol):
         if exc is None:
             self.server.claims_served += 1
             metrics.observe_claim("ok", _clock() - started)
-            self.send(Code(request_id, task.result()))
+            self.send(Code(request_id, task.result(), moved))
         else:
             metrics.observe_claim(exc.code if isinstance(exc, AngoError) else AngoError.code,
                                   _clock() - started)

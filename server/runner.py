@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import platform
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +21,7 @@ from .http_server import HttpServer
 from .limits import Limits
 from .metrics import Metrics
 from .protocol_server import ProtocolServer
-from .tls import server_context
+from .tls import peer_context, server_context
 
 log = logging.getLogger("ango.server")
 
@@ -44,6 +46,8 @@ async def serve_async(
     http_port: int | None = None,
     http_no_auth: bool = False,
     http_limits: HttpLimits | None = None,
+    instance_name: str | None = None,
+    advertise: str | None = None,
 ) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down cleanly.
 
@@ -54,6 +58,9 @@ async def serve_async(
     ``tls_required``. ``http_port``
     (None: off) also serves the HTTP API (server/http_api.py) on the same loop
     and allocator, with the same tokens unless ``http_no_auth``.
+    ``instance_name`` (default: host name and a random suffix) and ``advertise``
+    (host:port peers and clients reach this instance at; default: the address
+    listened on) identify it in the cluster of instances sharing the database.
     """
     tls = server_context(tls_cert, tls_key or tls_cert) if tls_cert else None
     loop = asyncio.get_running_loop()
@@ -70,6 +77,14 @@ async def serve_async(
         server = ProtocolServer(alloc, token=token, limits=limits, metrics=metrics, tls=tls,
                                 tls_required=tls_required)
         bound_host, bound_port = await server.start(host, port)
+        if alloc is not None:
+            try:
+                await alloc.join_cluster(instance_name or default_instance_name(),
+                                         advertise or advertised(bound_host, bound_port), token,
+                                         tls=peer_context(tls_cert) if tls_cert else None)
+            except BaseException:
+                await server.shutdown()
+                raise
         if not server.tls_required and not is_loopback(host):
             log.warning("listening on %s without %s: tokens and codes cross the network in "
                         "clear text; pass --tls-cert/--tls-key", host,
@@ -108,6 +123,19 @@ async def serve_async(
             else:
                 await server.shutdown()
     log.info("ango: stopped")
+
+
+def default_instance_name() -> str:
+    """This host's name with a random suffix: unique among the instances of a cluster."""
+    return f"{socket.gethostname()}-{os.urandom(3).hex()}"
+
+
+def advertised(host: str, port: int) -> str:
+    """The address peers reach this instance at: the one listened on, or the host's
+    name when listening on every interface."""
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def is_loopback(host: str) -> bool:

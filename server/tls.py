@@ -34,6 +34,19 @@ def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     return context
 
 
+def peer_context(cert_file: str) -> ssl.SSLContext:
+    """The client context instances use to reach each other when they serve TLS: the
+    system's certificate authorities plus ``cert_file`` itself (instances that share
+    one certificate, self-signed or not, trust each other), host names checked."""
+    context = ssl.create_default_context()
+    try:
+        context.load_verify_locations(cert_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(f"cannot read the TLS certificate {cert_file}: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
+    return context
+
+
 def self_signed(folder: str | Path, name: str = "localhost") -> tuple[str, str]:
     """Make a self-signed certificate for ``name`` and 127.0.0.1 in ``folder`` with the
     ``openssl`` command (for tests and trials, not production); return (cert, key) paths."""

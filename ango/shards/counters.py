@@ -7,6 +7,8 @@ arbiter (I4): a stale counter can make a claim retry, never exceed the rule.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 WAIT = -1  # every free slot is reserved by a claim in flight: decide after it
 FULL = -2  # the customer is at the limit for the current window
 
@@ -76,6 +78,11 @@ class CustomerCounters:
     def forget_batch(self, batch_key: int) -> None:
         """Drop the counters of a batch whose rule changed."""
         for key in [k for k in self._entries if k[0] == batch_key]:
+            del self._entries[key]
+
+    def forget_where(self, chosen: Callable[[tuple[int, str]], bool]) -> None:
+        """Drop the counters whose key is ``chosen`` (their routing slot moved away)."""
+        for key in [k for k in self._entries if chosen(k)]:
             del self._entries[key]
 
     def __len__(self) -> int:

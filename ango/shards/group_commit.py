@@ -21,6 +21,7 @@ from typing import Protocol
 
 import psycopg
 
+from ango.cluster.slots import slot_of
 from ango.errors import (
     AngoError,
     BatchExhausted,
@@ -152,6 +153,14 @@ class GroupCommit:
                 meta = self.batches[str(bid)] = BatchMeta(key, str(client_id), None, None, expired)
             meta.expired = expired
             self.apply_rules(meta, rules)
+
+    def forget_slots(self, slots: set[int], slot_count: int) -> None:
+        """Drop the counters of customers whose routing slot is in ``slots`` (another
+        instance owns them now; read again from PostgreSQL if they come back)."""
+        batch_of = {meta.key: bid for bid, meta in self.batches.items()}
+        self.counters.forget_where(
+            lambda key: key[0] in batch_of and slot_of(batch_of[key[0]], key[1], slot_count)
+            in slots)
 
     def apply_rules(self, meta: BatchMeta, rules: dict | None) -> None:
         """Take the batch's current rules; counters of a changed rule are forgotten

@@ -40,6 +40,14 @@ class StatsRequest(msgspec.Struct, tag="stats", array_like=True):
     tag_id: int
 
 
+class ForgetSlots(msgspec.Struct, tag="forget_slots", array_like=True):
+    """Drop the counters of the customers in these routing slots (another instance
+    owns them now); they are read again from PostgreSQL if the slots come back."""
+
+    slots: list[int]
+    slot_count: int
+
+
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     """Finish the claims in hand, release leases and exit."""
 
@@ -97,7 +105,7 @@ class StartFailed(msgspec.Struct, tag="start_failed", array_like=True):
     reason: str
 
 
-ToShard = Claims | StatsRequest | Shutdown | Ping
+ToShard = Claims | StatsRequest | Shutdown | Ping | ForgetSlots
 FromShard = Results | Ready | StatsReply | Pong | StartFailed
 
 

@@ -305,6 +305,11 @@ class ShardHandle:
         if self.alive:
             self.link.send(m.StatsRequest(tag_id))
 
+    def forget_slots(self, slots: list[int], slot_count: int) -> None:
+        """Have the shard drop the counters of these routing slots (moved away)."""
+        if self.alive:
+            self.link.send(m.ForgetSlots(slots, slot_count))
+
     def kill(self) -> None:
         """SIGKILL the current process (tests and chaos runs)."""
         if self.process is not None and self.process.returncode is None:

@@ -98,6 +98,8 @@ class Shard:
             self.send(m.Pong(message.seq))
         elif isinstance(message, m.StatsRequest):
             self.send(m.StatsReply(message.tag_id, self.stats()))
+        elif isinstance(message, m.ForgetSlots):
+            self.group_commit.forget_slots(set(message.slots), message.slot_count)
         elif isinstance(message, m.Shutdown):
             self.stopping = True
             self.wake.set()

@@ -613,3 +613,61 @@ WHERE name = %s AND revoked_at IS NULL RETURNING id;
 -- name: live_tokens
 -- What the server checks tokens against, reloaded every second.
 SELECT id, hash, name, client_id FROM ango.tokens WHERE revoked_at IS NULL;
+
+-- name: routing_slot_count
+-- The routing slot space (migration 0007): fixed once created.
+SELECT value::integer FROM ango.meta WHERE key = 'routing_slots';
+
+-- name: instance_beat
+-- An instance's heartbeat: where it listens, and the session it beats on.
+-- Returns whether the row was another live session's until now: two live
+-- processes use the same instance name.
+WITH before AS (
+    SELECT EXISTS (
+        SELECT 1 FROM ango.live_instances l JOIN ango.instances i ON i.name = l.name
+        WHERE i.name = %(name)s AND i.backend_pid <> pg_backend_pid()) AS taken
+)
+INSERT INTO ango.instances (name, address, backend_pid, backend_start, heartbeat)
+SELECT %(name)s, %(address)s, pid, backend_start, now()
+FROM pg_stat_activity WHERE pid = pg_backend_pid()
+ON CONFLICT (name) DO UPDATE
+SET address = EXCLUDED.address, backend_pid = EXCLUDED.backend_pid,
+    backend_start = EXCLUDED.backend_start, heartbeat = EXCLUDED.heartbeat
+RETURNING (SELECT taken FROM before);
+
+-- name: live_instances
+-- The instances alive now, by name.
+SELECT name, address FROM ango.live_instances ORDER BY name;
+
+-- name: routing_map
+-- Every routing slot with its owner (NULL: none) and epoch.
+SELECT slot, owner, epoch FROM ango.routing_slots ORDER BY slot;
+
+-- name: take_slots
+-- Take the slots given that have no live owner. Another instance may take the
+-- same slot at once: each row goes to one of them, the other sees it next beat.
+UPDATE ango.routing_slots SET owner = %(me)s, epoch = epoch + 1, taken_at = now()
+WHERE slot = ANY(%(slots)s)
+  AND (owner IS NULL OR owner NOT IN (SELECT name FROM ango.live_instances))
+RETURNING slot;
+
+-- name: hand_over_slots
+-- Hand slots we own to another instance (after draining their claims in flight).
+UPDATE ango.routing_slots SET owner = %(to)s, epoch = epoch + 1, taken_at = now()
+WHERE slot = ANY(%(slots)s) AND owner = %(me)s
+RETURNING slot;
+
+-- name: release_slots
+-- Clean shutdown: every slot we own becomes free at once.
+UPDATE ango.routing_slots SET owner = NULL, epoch = epoch + 1, taken_at = now()
+WHERE owner = %(me)s;
+
+-- name: leave_cluster
+-- Clean shutdown: the instance row goes with its slots.
+DELETE FROM ango.instances WHERE name = %(me)s;
+
+-- name: forget_old_instances
+-- Rows of instances silent for an hour that own nothing.
+DELETE FROM ango.instances
+WHERE heartbeat < now() - interval '1 hour'
+  AND name NOT IN (SELECT owner FROM ango.routing_slots WHERE owner IS NOT NULL);
