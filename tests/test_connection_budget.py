@@ -22,7 +22,12 @@ import ango
 from ango.allocator import shards_for
 from ango.database import ConnectionBudget
 from ango.errors import ConfigurationError
-from ango.shards.supervisor import ShardHandle, connections_needed, connections_per_shard
+from ango.shards.supervisor import (
+    ALLOCATOR_CONNECTIONS,
+    ShardHandle,
+    connections_needed,
+    connections_per_shard,
+)
 from tests.helpers import make_batch, run
 
 
@@ -58,9 +63,11 @@ def test_more_shards_than_the_role_may_connect_is_refused_naming_the_numbers(dsn
             run(ango.Allocator(small, shards=3).start())
     message = str(raised.value)
     assert f"3 shard(s) need {connections_needed(3)} PostgreSQL connections" in message
-    assert f"({connections_per_shard()} per shard + 1 for the Allocator)" in message
+    assert (f"({connections_per_shard()} per shard + {ALLOCATOR_CONNECTIONS} for the Allocator)"
+            in message)
     assert "room for 10 more" in message and "CONNECTION LIMIT 10" in message
-    assert "use at most 2 shard(s)" in message
+    fits = (10 - ALLOCATOR_CONNECTIONS) // connections_per_shard()
+    assert f"use at most {fits} shard(s)" in message
     assert owners(dsn) == 0  # refused before any shard started
 
 
@@ -111,7 +118,8 @@ def test_one_shard_per_core_is_capped_by_the_servers_connections():
                               database_limit=-1, in_use=0, role_in_use=0, database_in_use=0)
     chosen = shards_for(None, server, cores=25)
     assert connections_needed(chosen) + connections_per_shard() <= server.available
-    assert chosen == (server.available - 1) // connections_per_shard() - 1
+    fits = (server.available - ALLOCATOR_CONNECTIONS) // connections_per_shard()
+    assert chosen == fits - 1
     assert shards_for(None, server, cores=2) == 2
-    with pytest.raises(ConfigurationError, match="use at most 24 shard"):
+    with pytest.raises(ConfigurationError, match=f"use at most {fits} shard"):
         shards_for(25, server)

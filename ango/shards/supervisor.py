@@ -36,9 +36,10 @@ log = logging.getLogger("ango.supervisor")
 READY_TIMEOUT_S = 60.0
 MAX_RESENDS = 3
 MAX_IN_FLIGHT = 100_000
-#: The Allocator's own connections beside its shards': ``expire`` and
-#: ``batches`` each open one for the call (start-up's are closed before shards start).
-ALLOCATOR_CONNECTIONS = 1
+#: Connections beside the shards': the database watch's, the cluster
+#: membership's and the token reloader's (held by ``ango serve``), and one for a
+#: call such as ``expire`` or ``batches`` (start-up's are closed before shards start).
+ALLOCATOR_CONNECTIONS = 4
 
 
 def connections_per_shard() -> int:
