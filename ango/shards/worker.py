@@ -512,12 +512,8 @@ class Shard:
                                             else str(p.slot) for p in issuing]),
                 "me": self.owner,
             }
-            try:
-                try:
-                    cur = await conn.execute(queries["issue_group_fast"], params)
-                except psycopg.errors.UniqueViolation:  # rolled back: take the careful path
-                    cur = await conn.execute(queries["issue_group"], params)
-                rows = await cur.fetchall()
+            try:  # the fast path, and the careful one on a conflict, in one call
+                rows = await (await conn.execute(queries["issue_group"], params)).fetchall()
             except BaseException:
                 self.spent_leases[:0] = spent
                 raise
