@@ -199,9 +199,16 @@ DELETE FROM ango.leases WHERE id = ANY(%s) AND owner = %s;
 -- name: issue_group
 -- One group commit, a single autocommitted call: the fast path, and on a
 -- conflict the careful path, are in the function (migration 0006).
-SELECT * FROM ango.issue_group_v1(
-    %(me)s, %(spent)s, %(batch_keys)s, %(codes)s, %(bkeys)s, %(customers)s, %(requests)s,
-    %(leases)s, %(slots)s, %(window_slots)s);
+-- Rows: (1, code, epoch of the issue) for each code issued, (2, code, NULL) for
+-- each windowed slot taken.
+WITH g AS (
+    SELECT * FROM ango.issue_group_v1(
+        %(me)s, %(spent)s, %(batch_keys)s, %(codes)s, %(bkeys)s, %(customers)s, %(requests)s,
+        %(leases)s, %(slots)s, %(window_slots)s)
+)
+SELECT 1, unnest(issued), epoch FROM g
+UNION ALL
+SELECT 2, unnest(taken), NULL FROM g;
 
 -- name: release_phantom_slots
 -- A slot taken for a code that a concurrent transaction issued first (a race

@@ -12,17 +12,15 @@
 --
 -- Columns arrive as newline-joined text (none may hold a control character):
 -- one parameter each is far cheaper to send than an array of thousands.
--- Rows: (1, code, epoch of the issue) for each code issued, (2, code, NULL) for
--- each windowed slot taken (the caller releases a slot whose code was not issued).
+-- Returns the codes issued, the codes whose windowed slot was taken (the caller
+-- releases a slot whose code was not issued) and the time of the issues.
 CREATE OR REPLACE FUNCTION ango.issue_group_v1(
     _me uuid, _spent text, _batch_keys integer[], _codes text, _bkeys text, _customers text,
-    _requests text, _leases text, _slots text, _window_slots text)
-RETURNS TABLE (kind integer, issued_code text, issued_epoch double precision)
+    _requests text, _leases text, _slots text, _window_slots text,
+    OUT issued text[], OUT taken text[], OUT epoch double precision)
 LANGUAGE plpgsql AS $fn$
 DECLARE
     lease_ids bigint[] := string_to_array(_leases, E'\n')::bigint[];
-    issued text[];
-    taken text[];
 BEGIN
     IF _spent <> '' THEN
         DELETE FROM ango.leases
@@ -59,7 +57,7 @@ BEGIN
                         string_to_array(_window_slots, E'\n', '')::integer[])
                  AS u(code, batch_key, customer_id, request_id, lease_id, slot, window_slot)
             JOIN ok ON ok.key = u.batch_key
-            WHERE u.lease_id IN (SELECT id FROM mine)
+            WHERE u.lease_id = ANY(ARRAY(SELECT id FROM mine))
               -- The slot fits the rule as it is now (a shard's cached rule may be
               -- stale after `ango rules`: its claim is then refused and retried).
               AND CASE WHEN ok.lim IS NULL THEN u.slot IS NULL AND u.window_slot IS NULL
@@ -110,7 +108,7 @@ BEGIN
                         string_to_array(_window_slots, E'\n', '')::integer[])
                  AS u(code, batch_key, customer_id, request_id, lease_id, slot, window_slot)
             JOIN ok ON ok.key = u.batch_key
-            WHERE u.lease_id IN (SELECT id FROM mine)
+            WHERE u.lease_id = ANY(ARRAY(SELECT id FROM mine))
               AND CASE WHEN ok.lim IS NULL THEN u.slot IS NULL AND u.window_slot IS NULL
                        WHEN ok.win IS NULL THEN u.window_slot IS NULL AND u.slot < ok.lim
                        ELSE u.slot IS NULL AND u.window_slot < ok.lim END
@@ -139,9 +137,6 @@ BEGIN
         SELECT (SELECT array_agg(code) FROM ins), (SELECT array_agg(code) FROM slot)
         INTO issued, taken;
     END;
-    RETURN QUERY
-        SELECT 1, unnest(issued), extract(epoch FROM now())::float8
-        UNION ALL
-        SELECT 2, unnest(taken), NULL::float8;
+    epoch := extract(epoch FROM now());
 END
 $fn$;
