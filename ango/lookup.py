@@ -1,7 +1,7 @@
 """Support look-ups: who has a code, and which codes a customer got.
 
 Both are single indexed reads of committed state (the primary keys of
-``ango.codes`` and ``ango.issues``, and ``issues_customer``), so they answer in
+``ango.codes`` and ``ango.issues``, and ``issues_customer_slot``), so they answer in
 milliseconds on any size of table and are exact at the instant they run: a
 claim answered before the look-up started is in its result.
 """

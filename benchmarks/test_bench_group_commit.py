@@ -3,12 +3,12 @@
     .venv/bin/python -m pytest benchmarks/test_bench_group_commit.py --benchmark-enable
 
 Each round runs a shard's ``ango.shards.group_commit.GroupCommit.commit``
-itself, answering through ``Shard.answer`` — the ``issue_group`` statement of
-``ango.sql.queries`` with the parameters it builds, one autocommitted
-statement — for 1,000 claims of 1,000 fresh customers (and for 50, the group
-size a shard commits at C = 100 with two shards), on codes leased beforehand
-with ``lease_block`` (outside the timing). The server is ``ANGO_BENCH_DSN``,
-else Ango's own lookup; the database is made for the module
+itself, answering through ``Shard.answer`` — the ``issue_group`` call of
+``ango.sql.queries`` (the function ``ango.issue_group_v1``) with the parameters
+it builds, one autocommitted statement — for 1,000 claims of 1,000 fresh
+customers (and for 50, the group size a shard commits at C = 100 with two
+shards), on codes leased beforehand with ``lease_block`` (outside the timing).
+The server is ``ANGO_BENCH_DSN``, else Ango's own lookup; the database is made for the module
 (``benchmarks._db.fresh_database``) and dropped afterwards.
 """
 

@@ -205,13 +205,9 @@ class ShardConnection:
     # -- the group commit -------------------------------------------------------------
 
     async def issue_group(self, params: dict[str, Any]) -> IssuedGroup:
-        """The group commit's one autocommitted statement (its careful form after a
-        conflict rolled the fast one back)."""
-        try:
-            cur = await self.conn.execute(queries["issue_group_fast"], params)
-        except psycopg.errors.UniqueViolation:  # rolled back: take the careful path
-            cur = await self.conn.execute(queries["issue_group"], params)
-        rows = await cur.fetchall()
+        """The group commit: one autocommitted call of ``ango.issue_group_v1``, its
+        fast path and, after a conflict, its careful path inside (migration 0006)."""
+        rows = await self._rows("issue_group", params)
         issued: dict[str, float] = {}
         taken: set[str] = set()
         for kind, code, at in rows:

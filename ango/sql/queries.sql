@@ -196,136 +196,19 @@ WHERE l.id = ANY(%s)
 -- Leases whose codes have all been issued (or that are not worth keeping).
 DELETE FROM ango.leases WHERE id = ANY(%s) AND owner = %s;
 
--- name: issue_group_fast
--- The group commit's fast path: issue_group (below) without the conflict
--- handling, which costs about a third of the statement. A plain INSERT raises
--- on any conflict (a replayed request id, a customer at the limit whose counter
--- was not in memory, a code issued elsewhere); nothing is then committed and
--- the shard runs issue_group for that group instead.
-WITH spent AS (
-    DELETE FROM ango.leases
-    WHERE id = ANY(string_to_array(%(spent)s, E'\n')::bigint[]) AND owner = %(me)s
-), ok AS (
-    -- The rule and schedule come from the row as locked: a rule change or an
-    -- expiry that committed while we waited for the lock is what holds.
-    SELECT key, (rules ->> 'maxpercustomer')::integer AS lim,
-           -- timelimit days of 24 hours (see the slot upsert below)
-           (rules ->> 'timelimit')::integer * interval '24 hours' AS win
-    FROM ango.batches
-    WHERE key = ANY(%(batch_keys)s) AND NOT expired
-      AND (starts_at IS NULL OR starts_at <= now())
-      AND (expires_at IS NULL OR expires_at > now())
-    FOR KEY SHARE
-), req AS (
-    SELECT u.*
-    -- Columns arrive as newline-joined text (none may hold a control character):
-    -- one parameter each is far cheaper to send than an array of thousands.
-    FROM unnest(string_to_array(%(codes)s, E'\n'),
-                string_to_array(%(bkeys)s, E'\n')::integer[],
-                string_to_array(%(customers)s, E'\n'),
-                string_to_array(%(requests)s, E'\n'),
-                string_to_array(%(leases)s, E'\n')::bigint[],
-                string_to_array(%(slots)s, E'\n', '')::integer[],
-                string_to_array(%(window_slots)s, E'\n', '')::integer[])
-         AS u(code, batch_key, customer_id, request_id, lease_id, slot, window_slot)
-    JOIN ok ON ok.key = u.batch_key
-    WHERE EXISTS (SELECT 1 FROM ango.leases l WHERE l.id = u.lease_id AND l.owner = %(me)s)
-      -- The slot fits the rule as it is now (a shard's cached rule may be stale
-      -- after `ango rules`: its claim is then refused here and retried).
-      AND CASE WHEN ok.lim IS NULL THEN u.slot IS NULL AND u.window_slot IS NULL
-               WHEN ok.win IS NULL THEN u.window_slot IS NULL AND u.slot < ok.lim
-               ELSE u.slot IS NULL AND u.window_slot < ok.lim END
-), slot AS (
-    INSERT INTO ango.slots AS s (batch_key, customer_id, slot, code, issued_at)
-    SELECT batch_key, customer_id, window_slot, code, now() FROM req
-    WHERE window_slot IS NOT NULL
-    ON CONFLICT (batch_key, customer_id, slot) DO UPDATE
-        SET code = EXCLUDED.code, issued_at = EXCLUDED.issued_at
-        -- timelimit days of 24 hours: calendar days would follow the session's
-        -- TimeZone through daylight-saving changes (counters and audit agree).
-        WHERE s.issued_at < EXCLUDED.issued_at - (
-            SELECT win FROM ok WHERE ok.key = EXCLUDED.batch_key)
-    RETURNING code
-), ins AS (
-    INSERT INTO ango.issues (code, batch_key, customer_id, request_id, issued_at, slot)
-    SELECT code, batch_key, customer_id, request_id, now(), slot FROM req
-    WHERE window_slot IS NULL OR code IN (SELECT code FROM slot)
-    RETURNING code
-)
--- Kind 1: issued; kind 2: windowed slot taken. No joins: they go quadratic on CTEs.
-SELECT 1, code, extract(epoch FROM now())::float8 FROM ins
-UNION ALL
-SELECT 2, code, NULL FROM slot;
-
 -- name: issue_group
--- One group commit, a single autocommitted statement: issue each code if its
--- batch is not expired (locked FOR KEY SHARE, so expiry waits for us: I5), its
--- lease is still ours, the code is not issued yet (I1), the request id is new
--- (I6) and the customer's rule slot is free (I4). A rule without a window is
--- held by the unique index on issues (batch, customer, slot); a rule with a
--- window by ango.slots, taken only if free or older than the window. Leases
--- used up by earlier groups are deleted on the way.
-WITH spent AS (
-    DELETE FROM ango.leases
-    WHERE id = ANY(string_to_array(%(spent)s, E'\n')::bigint[]) AND owner = %(me)s
-), ok AS (
-    -- The rule and schedule come from the row as locked: a rule change or an
-    -- expiry that committed while we waited for the lock is what holds.
-    SELECT key, (rules ->> 'maxpercustomer')::integer AS lim,
-           -- timelimit days of 24 hours (see the slot upsert below)
-           (rules ->> 'timelimit')::integer * interval '24 hours' AS win
-    FROM ango.batches
-    WHERE key = ANY(%(batch_keys)s) AND NOT expired
-      AND (starts_at IS NULL OR starts_at <= now())
-      AND (expires_at IS NULL OR expires_at > now())
-    FOR KEY SHARE
-), req AS (
-    SELECT u.*
-    -- Columns arrive as newline-joined text (none may hold a control character):
-    -- one parameter each is far cheaper to send than an array of thousands.
-    FROM unnest(string_to_array(%(codes)s, E'\n'),
-                string_to_array(%(bkeys)s, E'\n')::integer[],
-                string_to_array(%(customers)s, E'\n'),
-                string_to_array(%(requests)s, E'\n'),
-                string_to_array(%(leases)s, E'\n')::bigint[],
-                string_to_array(%(slots)s, E'\n', '')::integer[],
-                string_to_array(%(window_slots)s, E'\n', '')::integer[])
-         AS u(code, batch_key, customer_id, request_id, lease_id, slot, window_slot)
-    JOIN ok ON ok.key = u.batch_key
-    WHERE EXISTS (SELECT 1 FROM ango.leases l WHERE l.id = u.lease_id AND l.owner = %(me)s)
-      -- The slot fits the rule as it is now (a shard's cached rule may be stale
-      -- after `ango rules`: its claim is then refused here and retried).
-      AND CASE WHEN ok.lim IS NULL THEN u.slot IS NULL AND u.window_slot IS NULL
-               WHEN ok.win IS NULL THEN u.window_slot IS NULL AND u.slot < ok.lim
-               ELSE u.slot IS NULL AND u.window_slot < ok.lim END
-      -- A windowed slot is taken before the issue: skip what would conflict.
-      AND (u.window_slot IS NULL
-           OR (NOT EXISTS (SELECT 1 FROM ango.issues i WHERE i.code = u.code)
-               AND NOT EXISTS (SELECT 1 FROM ango.issues i
-                               WHERE i.batch_key = u.batch_key
-                                 AND i.request_id = u.request_id)))
-), slot AS (
-    INSERT INTO ango.slots AS s (batch_key, customer_id, slot, code, issued_at)
-    SELECT batch_key, customer_id, window_slot, code, now() FROM req
-    WHERE window_slot IS NOT NULL
-    ON CONFLICT (batch_key, customer_id, slot) DO UPDATE
-        SET code = EXCLUDED.code, issued_at = EXCLUDED.issued_at
-        -- timelimit days of 24 hours: calendar days would follow the session's
-        -- TimeZone through daylight-saving changes (counters and audit agree).
-        WHERE s.issued_at < EXCLUDED.issued_at - (
-            SELECT win FROM ok WHERE ok.key = EXCLUDED.batch_key)
-    RETURNING code
-), ins AS (
-    INSERT INTO ango.issues (code, batch_key, customer_id, request_id, issued_at, slot)
-    SELECT code, batch_key, customer_id, request_id, now(), slot FROM req
-    WHERE window_slot IS NULL OR code IN (SELECT code FROM slot)
-    ON CONFLICT DO NOTHING
-    RETURNING code
+-- One group commit, a single autocommitted call: the fast path, and on a
+-- conflict the careful path, are in the function (migration 0006).
+-- Rows: (1, code, epoch of the issue) for each code issued, (2, code, NULL) for
+-- each windowed slot taken.
+WITH g AS (
+    SELECT * FROM ango.issue_group_v1(
+        %(me)s, %(spent)s, %(batch_keys)s, %(codes)s, %(bkeys)s, %(customers)s, %(requests)s,
+        %(leases)s, %(slots)s, %(window_slots)s)
 )
--- Kind 1: issued; kind 2: windowed slot taken. No joins: they go quadratic on CTEs.
-SELECT 1, code, extract(epoch FROM now())::float8 FROM ins
+SELECT 1, unnest(issued), epoch FROM g
 UNION ALL
-SELECT 2, code, NULL FROM slot;
+SELECT 2, unnest(taken), NULL FROM g;
 
 -- name: release_phantom_slots
 -- A slot taken for a code that a concurrent transaction issued first (a race
@@ -442,7 +325,7 @@ LEFT JOIN ango.batches b ON b.key = coalesce(c.batch_key, i.batch_key);
 
 -- name: customer_codes
 -- A customer's codes, newest first, optionally of one batch (index
--- issues_customer finds them; a customer's few codes are then sorted).
+-- issues_customer_slot finds them; a customer's few codes are then sorted).
 SELECT i.code, b.id, b.name, i.issued_at, i.request_id
 FROM ango.issues i JOIN ango.batches b ON b.key = i.batch_key
 WHERE i.customer_id = %(customer)s
