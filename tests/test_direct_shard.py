@@ -1,0 +1,186 @@
+"""Direct connections (issue 13): a hello naming a shard hands the connection to that
+shard process, which serves its claims with no server hop.
+
+Real `ango serve` processes, real sockets and sockets passed between processes,
+real PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import uuid
+import zlib
+
+import pytest
+
+from ango import database
+from ango.framing import encode_frame
+from ango.importer import import_codes
+from ango.protocol import (
+    PROTOCOL_VERSION,
+    Claim,
+    Code,
+    GetStats,
+    Hello,
+    ListBatches,
+    Ping,
+    Welcome,
+)
+from ango.tokens import create_token, revoke_token
+from tests.servers import ANGO, TOKEN, ServeProcess, closed_by_peer, connect, issued, recv, send
+
+pytestmark = pytest.mark.timeout(300)
+
+ALICE = "a11ce000-0000-4000-8000-000000000001"
+BOB = "b0b00000-0000-4000-8000-000000000002"
+SHARDS = 2
+
+
+def batch_of(dsn: str, client_id: str, count: int) -> str:
+    prefix = uuid.uuid4().hex[:8]
+    body = "code\n" + "".join(f"{prefix}-{i:05d}\n" for i in range(count))
+    return str(import_codes(dsn, io.BytesIO(body.encode()), client_id, prefix).batch_id)
+
+
+def serve(dsn: str) -> ServeProcess:
+    return ServeProcess("--dsn", dsn, "--shards", str(SHARDS), "--no-http",
+                        env={"ANGO_TOKEN": TOKEN}).start()
+
+
+def direct(port: int, shard: int, token: str = TOKEN) -> tuple:
+    """A connection whose hello names ``shard``, and its welcome."""
+    sock = connect(port, timeout=60)
+    send(sock, Hello(0, PROTOCOL_VERSION, token, shard=shard))
+    return sock, recv(sock)
+
+
+def shard_of(welcome: Welcome, batch: str, customer: str) -> int:
+    """The shard of the instance that owns the claim's customer counters."""
+    h = zlib.crc32(f"{batch}/{customer}".encode())
+    return h % welcome.partitions % welcome.shards
+
+
+def audit_clean(dsn: str) -> None:
+    done = subprocess.run([*ANGO, "audit", "--dsn", dsn], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def server_stats(port: int) -> dict:
+    with connect(port, timeout=60) as sock:
+        send(sock, Hello(0, PROTOCOL_VERSION, TOKEN))
+        assert type(recv(sock)) is Welcome
+        send(sock, GetStats(1))
+        return recv(sock).stats
+
+
+def test_claims_over_direct_connections_are_issued_once_and_recorded(dsn):
+    batch = batch_of(dsn, ALICE, 400)
+    srv = serve(dsn)
+    try:
+        codes: dict[str, str] = {}
+        socks = []
+        for shard in range(SHARDS):
+            sock, welcome = direct(srv.port, shard)
+            assert type(welcome) is Welcome
+            assert (welcome.shards, welcome.partitions > 0) == (SHARDS, True)
+            socks.append(sock)
+        # Each shard gets claims of its own customers and of the other's: both are served.
+        claims = [Claim(i, batch, f"cust-{i % 50}", request_id=f"req-{i}") for i in range(120)]
+        for i, claim in enumerate(claims):
+            send(socks[i % SHARDS], claim)
+        answers = {}
+        for i in range(len(claims)):
+            answer = recv(socks[i % SHARDS])
+            answers[answer.id] = answer
+        assert all(type(a) is Code for a in answers.values()), answers
+        codes = {f"req-{i}": a.code for i, a in answers.items()}
+        assert len(set(codes.values())) == len(claims)
+        # The same request id again (on the other shard): the recorded code, not a second one.
+        send(socks[1], Claim(500, batch, "cust-0", request_id="req-0"))
+        assert recv(socks[1]) == Code(500, codes["req-0"])
+        rows = issued(dsn)
+        assert {r: c for c, _, r in rows} == codes
+        assert server_stats(srv.port)["server"]["handed_off"] == SHARDS
+        for sock in socks:
+            sock.close()
+    finally:
+        srv.stop()
+    audit_clean(dsn)
+
+
+def test_a_client_token_on_a_direct_connection_reaches_only_its_client(dsn):
+    mine, theirs = batch_of(dsn, ALICE, 10), batch_of(dsn, BOB, 10)
+    with database.connect(dsn, autocommit=True) as conn:
+        secret = create_token(conn, ALICE, "alice")[0]
+    srv = serve(dsn)
+    try:
+        sock, welcome = direct(srv.port, 0, secret)
+        assert type(welcome) is Welcome
+        send(sock, Claim(1, mine, "ann"), Claim(2, theirs, "ann"),
+             Claim(3, mine, "ann", client_id=BOB))
+        answers = {a.id: a for a in (recv(sock), recv(sock), recv(sock))}
+        assert type(answers[1]) is Code
+        for i in (2, 3):
+            assert (answers[i].code, answers[i].retryable) == ("batch_not_found", False)
+        assert [c for _, c, _ in issued(dsn)] == ["ann"]
+        sock.close()
+    finally:
+        srv.stop()
+
+
+def test_bad_frames_and_other_requests_on_a_direct_connection_are_refused_clearly(dsn):
+    batch = batch_of(dsn, ALICE, 10)
+    srv = serve(dsn)
+    try:
+        sock, _ = direct(srv.port, 0)
+        send(sock, Claim(1, "not-a-uuid", "ann"), Claim(2, batch, "x" * 300))
+        answers = {a.id: a for a in (recv(sock), recv(sock))}
+        assert answers[1].code == "invalid_input" and "batch id" in answers[1].message
+        assert answers[2].code == "invalid_input" and "customer id" in answers[2].message
+        sock.sendall(encode_frame({"type": "claim", "id": 3}))  # no batch
+        answer = recv(sock)
+        assert (answer.id, answer.code) == (3, "invalid_input")
+        for other in (Ping(4), ListBatches(5)):
+            again, _ = direct(srv.port, 1)
+            send(again, other)
+            answer = recv(again)
+            assert (answer.id, answer.code) == (None, "protocol")
+            assert "claims only" in answer.message and other.__struct_config__.tag in answer.message
+            assert closed_by_peer(again)
+        sock.sendall(b"\x00\x00\x00\x03abc")  # not MessagePack
+        answer = recv(sock)
+        assert (answer.id, answer.code) == (None, "protocol")
+        assert closed_by_peer(sock)
+        # The shards live on: a direct claim is still served.
+        last, _ = direct(srv.port, 1)
+        send(last, Claim(6, batch, "bob"))
+        assert type(recv(last)) is Code
+        last.close()
+        assert srv.proc.poll() is None
+    finally:
+        srv.stop()
+
+
+def test_revoking_a_token_closes_its_direct_connections(dsn):
+    batch = batch_of(dsn, ALICE, 10)
+    with database.connect(dsn, autocommit=True) as conn:
+        secret = create_token(conn, ALICE, "to-revoke")[0]
+    srv = serve(dsn)
+    try:
+        sock, _ = direct(srv.port, 1, secret)
+        send(sock, Claim(1, batch, "ann"))
+        assert type(recv(sock)) is Code
+        with database.connect(dsn, autocommit=True) as conn:
+            revoke_token(conn, "to-revoke")
+        sock.settimeout(30)
+        answer = recv(sock)
+        assert (answer.id, answer.code) == (None, "unauthorized") and "revoked" in answer.message
+        assert closed_by_peer(sock)
+        again = connect(srv.port)
+        send(again, Hello(0, PROTOCOL_VERSION, secret, shard=1))
+        assert recv(again).code == "unauthorized"
+        again.close()
+    finally:
+        srv.stop()
