@@ -29,7 +29,7 @@ class _Message(msgspec.Struct, tag=True, tag_field="type"):
 # --- requests (client to server) -------------------------------------------------
 
 
-class Hello(_Message, tag="hello"):
+class Hello(_Message, tag="hello", omit_defaults=True):
     """First frame of every connection: protocol version and token.
 
     ``token`` may be absent or nil so that the server can answer a missing
@@ -153,7 +153,7 @@ Request = (Hello | Claim | ListBatches | Expire | GetStats | Ping | Lookup | Cus
 # --- responses (server to client) ------------------------------------------------
 
 
-class Welcome(_Message, tag="welcome"):
+class Welcome(_Message, tag="welcome", omit_defaults=True):
     """Answer to a good ``hello``: the connection may now send requests."""
 
     id: int
