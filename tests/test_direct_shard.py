@@ -7,13 +7,17 @@ real PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
+import signal
 import subprocess
 import uuid
 import zlib
 
 import pytest
 
+import ango
 from ango import database
 from ango.framing import encode_frame
 from ango.importer import import_codes
@@ -184,3 +188,64 @@ def test_revoking_a_token_closes_its_direct_connections(dsn):
         again.close()
     finally:
         srv.stop()
+
+
+def cluster_instance(dsn: str) -> ServeProcess:
+    return ServeProcess("--dsn", dsn, "--shards", str(SHARDS), "--no-http",
+                        "--instance-name", "direct-0", env={"ANGO_TOKEN": TOKEN}).start()
+
+
+def test_a_direct_client_sends_each_claim_to_its_shard_and_survives_a_shard_kill(dsn):
+    batch = batch_of(dsn, ALICE, 2000)
+    srv = cluster_instance(dsn)
+
+    async def run() -> tuple[dict[str, str], list[str]]:
+        client = await ango.AsyncClient.connect("127.0.0.1", srv.port, TOKEN, timeout=60,
+                                                cluster=True, direct=True)
+        async with client:
+            # The owner's connection is opened by the first claims; then direct ones.
+            first = [await client.claim(batch, f"cust-{i}", request_id=f"warm-{i}")
+                     for i in range(20)]
+            routes = client._routes
+            assert sorted(k[1] for k in routes.shard_clients) == list(range(SHARDS))
+            assert server_stats(srv.port)["server"]["handed_off"] == SHARDS
+            victim = server_stats(srv.port)["per_shard"][0]["pid"]
+            tasks = {f"req-{i}": asyncio.create_task(
+                client.claim(batch, f"cust-{i % 40}", request_id=f"req-{i}"))
+                for i in range(600)}
+            pending = set(tasks.values())
+            while len(pending) > 500:
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            os.kill(victim, signal.SIGKILL)  # with claims in flight on its direct connection
+            await asyncio.gather(*tasks.values())
+            after = {f"after-{i}": await client.claim(batch, f"late-{i}", request_id=f"after-{i}")
+                     for i in range(40)}
+            codes = {r: t.result() for r, t in tasks.items()} | after
+            return codes, first
+
+    try:
+        codes, first = asyncio.run(run())
+    finally:
+        srv.stop()
+    recorded = {r: c for c, _, r in issued(dsn)}
+    assert len(set(codes.values())) == len(codes) == 640
+    assert {r: recorded[r] for r in codes} == codes  # each answered code is the one recorded
+    assert len(recorded) == len(codes) + len(first)
+    audit_clean(dsn)
+
+
+def test_the_blocking_client_claims_over_direct_connections(dsn):
+    batch = batch_of(dsn, ALICE, 100)
+    srv = cluster_instance(dsn)
+    try:
+        with ango.Client("127.0.0.1", srv.port, TOKEN, timeout=60, cluster=True,
+                         direct=True) as client:
+            codes = {f"r-{i}": client.claim(batch, f"cust-{i}", request_id=f"r-{i}")
+                     for i in range(40)}
+            assert client.claim(batch, "cust-0", request_id="r-0") == codes["r-0"]
+            assert sorted(k[1] for k in client._routes.shard_clients) == list(range(SHARDS))
+            assert client._routes.direct_failed == 0
+        assert server_stats(srv.port)["server"]["handed_off"] == SHARDS
+    finally:
+        srv.stop()
+    assert {r: c for c, _, r in issued(dsn)} == codes
