@@ -319,6 +319,8 @@ async def main_async(args: argparse.Namespace) -> None:
         await stop_task(beat)
         if door is not None:
             door.close()
+        for conn in list(shard.direct):  # their claims are answered: say why they close
+            conn.abort(Unavailable.code, "the shard is shutting down", retryable=True)
         shard.flush()
         await shard.close()
 
