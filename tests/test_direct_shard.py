@@ -249,3 +249,29 @@ def test_the_blocking_client_claims_over_direct_connections(dsn):
     finally:
         srv.stop()
     assert {r: c for c, _, r in issued(dsn)} == codes
+
+
+def test_a_tls_connection_naming_a_shard_stays_with_the_server_claims_only(dsn, tmp_path):
+    import ssl
+
+    from ango.server.tls import self_signed
+
+    cert, key = self_signed(tmp_path)
+    batch = batch_of(dsn, ALICE, 10)
+    srv = ServeProcess("--dsn", dsn, "--shards", str(SHARDS), "--no-http", "--tls-cert", cert,
+                       "--tls-key", key, env={"ANGO_TOKEN": TOKEN}).start()
+    context = ssl.create_default_context(cafile=cert)
+    try:
+        with context.wrap_socket(connect(srv.port, timeout=60),
+                                 server_hostname="127.0.0.1") as sock:
+            send(sock, Hello(0, PROTOCOL_VERSION, TOKEN, shard=1), Claim(1, batch, "ann"))
+            assert type(recv(sock)) is Welcome
+            assert type(recv(sock)) is Code
+            send(sock, Ping(2))
+            answer = recv(sock)
+            assert (answer.id, answer.code) == (None, "protocol")
+            assert "claims only" in answer.message
+        with ango.Client("127.0.0.1", srv.port, TOKEN, timeout=60, tls=context) as client:
+            assert client.stats()["server"]["handed_off"] == 0
+    finally:
+        srv.stop()
