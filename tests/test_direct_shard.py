@@ -32,6 +32,7 @@ from ango.protocol import (
     Welcome,
 )
 from ango.tokens import create_token, revoke_token
+from tests.cluster_harness import wait_for
 from tests.servers import ANGO, TOKEN, ServeProcess, closed_by_peer, connect, issued, recv, send
 
 pytestmark = pytest.mark.timeout(300)
@@ -107,6 +108,9 @@ def test_claims_over_direct_connections_are_issued_once_and_recorded(dsn):
         rows = issued(dsn)
         assert {r: c for c, _, r in rows} == codes
         assert server_stats(srv.port)["server"]["handed_off"] == SHARDS
+        # Counted with the others' (reported to the supervisor with the next results).
+        wait_for(lambda: server_stats(srv.port)["claims_served"] == len(claims) + 1,
+                 "direct claims counted")
         for sock in socks:
             sock.close()
     finally:

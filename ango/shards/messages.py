@@ -87,6 +87,8 @@ class Results(msgspec.Struct, tag="results", array_like=True):
 
     results: list[Result]
     groups: list[tuple[int, float]] = []
+    #: Codes issued on direct connections since the last frame (answered there).
+    direct: int = 0
 
 
 class Ready(msgspec.Struct, tag="ready", array_like=True):

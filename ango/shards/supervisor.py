@@ -191,7 +191,7 @@ class ShardHandle:
                 else:
                     self.refused += 1
                     entry[0].set_exception(error_from_code(r.error, r.message or r.error))
-            self.served += served
+            self.served += served + message.direct
             for size, seconds in message.groups:
                 self.group_sizes.observe(size)
                 self.group_seconds.observe(seconds)

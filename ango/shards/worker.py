@@ -72,6 +72,7 @@ class Shard:
         #: Client connections handed to this shard (issue 13), and revoked token ids.
         self.direct: set[direct_lib.DirectConnection] = set()
         self.revoked: set[int] = set()
+        self.direct_served = 0  # since the last Results frame
 
     # -- start-up and recovery -------------------------------------------------
 
@@ -119,6 +120,7 @@ class Shard:
             p.direct.answer(p.tag, code, error)
             if error is None:
                 self.served += 1
+                self.direct_served += 1
         elif error is None:
             self.results.append(m.Result(p.tag, code))
             self.served += 1
@@ -133,10 +135,11 @@ class Shard:
             self.wake.set()
 
     def flush(self) -> None:
-        if self.results or self.group_reports:
-            self.send(m.Results(self.results, self.group_reports))
+        if self.results or self.group_reports or self.direct_served:
+            self.send(m.Results(self.results, self.group_reports, self.direct_served))
             self.results = []
             self.group_reports = []
+            self.direct_served = 0
 
     def stats(self) -> dict:
         gc = self.group_commit
