@@ -424,7 +424,8 @@ class Connection(asyncio.Protocol):
         limits = server.limits
         scope = self.scope
         handoff = Direct(scope.name, scope.client_id, scope.token_id, limits.max_in_flight,
-                         limits.max_frame, limits.max_connections, self._reader.held())
+                         limits.max_frame, limits.max_connections, limits.idle_timeout,
+                         self._reader.held())
         if not hand_off(shard, sock.fileno(), handoff):
             return
         if scope.token_id is not None:

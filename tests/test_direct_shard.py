@@ -16,6 +16,7 @@ import uuid
 import zlib
 
 import pytest
+from ango.server import Limits
 
 import ango
 from ango import database
@@ -33,7 +34,17 @@ from ango.protocol import (
 )
 from ango.tokens import create_token, revoke_token
 from tests.cluster_harness import wait_for
-from tests.servers import ANGO, TOKEN, ServeProcess, closed_by_peer, connect, issued, recv, send
+from tests.servers import (
+    ANGO,
+    TOKEN,
+    InProcessServer,
+    ServeProcess,
+    closed_by_peer,
+    connect,
+    issued,
+    recv,
+    send,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -279,3 +290,18 @@ def test_a_tls_connection_naming_a_shard_stays_with_the_server_claims_only(dsn, 
             assert client.stats()["server"]["handed_off"] == 0
     finally:
         srv.stop()
+
+
+def test_an_idle_direct_connection_is_closed_as_an_idle_one_is_by_the_server(dsn):
+    batch = batch_of(dsn, ALICE, 10)
+    limits = Limits(idle_timeout=0.5)
+    with InProcessServer(lambda: ango.Allocator(dsn, shards=SHARDS), limits=limits) as srv:
+        sock, welcome = direct(srv.port, 1)
+        assert welcome.idle_timeout == 0.5
+        send(sock, Claim(1, batch, "ann"))
+        assert type(recv(sock)) is Code
+        sock.settimeout(30)
+        answer = recv(sock)  # nothing sent meanwhile
+        assert (answer.id, answer.code, answer.message) == (None, "unavailable", "idle timeout")
+        assert answer.retryable and closed_by_peer(sock)
+        assert srv.server.handed_off == 1

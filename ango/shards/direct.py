@@ -37,6 +37,8 @@ _PAUSE_IN_FLIGHT = 1
 _PAUSE_WRITE = 2
 #: Token ids remembered as revoked, so a hand-off that crosses its revocation is refused.
 MAX_REVOKED = 100_000
+#: Seconds between two looks for idle direct connections.
+SWEEP_EVERY_S = 0.25
 #: Write buffer bounds of a direct connection (as the protocol server's defaults).
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
@@ -49,8 +51,10 @@ class DirectConnection(asyncio.Protocol):
         self.shard = shard
         self.scope = Scope(handoff.scope_name, handoff.client_id, handoff.token_id)
         self.max_in_flight = handoff.max_in_flight
+        self.idle_timeout = handoff.idle_timeout
         self.in_flight = 0
         self.closing = False
+        self.last_active = time.monotonic()
         self.transport: asyncio.Transport | None = None
         self._handoff = handoff
         self._reader = FrameReader(handoff.max_frame)
@@ -82,6 +86,7 @@ class DirectConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:  # noqa: D102
         if self.closing:
             return
+        self.last_active = time.monotonic()
         self._reader.feed(data)
         if not self._paused:
             self._process()
@@ -214,11 +219,22 @@ class Door:
         self.loop = asyncio.get_running_loop()
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._readable)
+        self._sweeper = self.loop.call_later(SWEEP_EVERY_S, self._sweep)
 
     def close(self) -> None:
         """Take no more connections."""
-        self.loop.remove_reader(self.sock.fileno())
-        self.sock.close()
+        self._sweeper.cancel()
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+    def _sweep(self) -> None:
+        """Close the direct connections idle (nothing in flight) beyond their idle timeout."""
+        self._sweeper = self.loop.call_later(SWEEP_EVERY_S, self._sweep)
+        now = time.monotonic()
+        for conn in list(self.shard.direct):
+            if conn.in_flight == 0 and now - conn.last_active > conn.idle_timeout:
+                conn.abort(Unavailable.code, "idle timeout", retryable=True)
 
     def _readable(self) -> None:
         while True:

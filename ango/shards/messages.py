@@ -128,6 +128,7 @@ class Direct(msgspec.Struct, array_like=True):
     max_in_flight: int
     max_frame: int
     max_connections: int
+    idle_timeout: float
     pending: bytes
 
 
