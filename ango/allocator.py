@@ -75,6 +75,21 @@ def _uuid_text(value: object, what: str) -> str:
     return text
 
 
+def claim_fields(batch_id: object, customer_id: object, client_id: object,
+                 request_id: object) -> tuple[str, str, str | None, str]:
+    """A claim's fields checked and canonical: (batch, customer, client, request id).
+
+    Raises InvalidInput naming the field. A missing request id gets a random one.
+    Shared by ``Allocator.claim`` and a shard's direct connections (issue 13).
+    """
+    bid = _uuid_text(batch_id, "batch id")
+    customer = _text(customer_id, "customer id", MAX_CUSTOMER_ID)
+    client = None if client_id is None else _uuid_text(client_id, "client id")
+    request = (os.urandom(16).hex() if request_id is None
+               else _text(request_id, "request id", MAX_REQUEST_ID))
+    return bid, customer, client, request
+
+
 def shards_for(requested: int | None, budget: database.ConnectionBudget,
                cores: int | None = None) -> int:
     """How many shards to start: ``requested``, or one per core, as PostgreSQL allows.
@@ -240,11 +255,8 @@ class Allocator:
         try:
             if not self._open:
                 raise Unavailable("the allocator is not running")
-            bid = _uuid_text(batch_id, "batch id")
-            customer = _text(customer_id, "customer id", MAX_CUSTOMER_ID)
-            client = None if client_id is None else _uuid_text(client_id, "client id")
-            request = (os.urandom(16).hex() if request_id is None
-                       else _text(request_id, "request id", MAX_REQUEST_ID))
+            bid, customer, client, request = claim_fields(
+                batch_id, customer_id, client_id, request_id)
         except Exception as exc:
             future.set_exception(exc)
             return future
@@ -271,6 +283,18 @@ class Allocator:
             return
         self._route[h % self.partitions].submit(
             m.Claim(next(self._tags), bid, customer, client, request), future)
+
+    def hand_off(self, shard: int, fd: int, handoff: m.Direct) -> bool:
+        """Pass a client connection (socket ``fd``, authenticated as ``handoff`` says) to
+        shard ``shard``, which serves its claims from now on (issue 13). False: keep it."""
+        if not self._open or not 0 <= shard < len(self._shards):
+            return False
+        return self._shards[shard].hand_off(fd, handoff)
+
+    def revoke_tokens(self, token_ids: list[int]) -> None:
+        """Close the connections handed to the shards that these revoked tokens opened."""
+        for shard in self._shards:
+            shard.revoke_tokens(token_ids)
 
     def partition_map(self) -> dict[str, Any]:
         """Who owns each routing slot, for the ``partition_map`` message (docs/PROTOCOL.md)."""

@@ -243,13 +243,20 @@ class Client:
     ServerUnreachable at once rather than being retried until ``timeout``.
     ``cluster=True``: send each claim straight to the instance owning its
     routing slot (see ango.cluster.client_routes); other calls go to ``host:port``.
+    ``direct=True`` (with ``cluster``): straight to the owning shard process of
+    that instance, over one direct connection per shard (docs/PROTOCOL.md).
     """
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
                  timeout: float = 5.0, *, data_dir: str | None = None,
                  tls: bool | ssl.SSLContext | None = None,
-                 wait_for_server: bool = True, cluster: bool = False) -> None:
+                 wait_for_server: bool = True, cluster: bool = False, direct: bool = False,
+                 shard: int | None = None) -> None:
         self._routes: SyncClaimRoutes | None = None
+        #: The shard named in the hello (a direct connection: claims only), or None.
+        self._shard = shard
+        #: (shards, partitions) of the instance, from its welcome ((0, 0): unknown).
+        self.layout = (0, 0)
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -267,7 +274,7 @@ class Client:
         if cluster:
             from ango.cluster.client_routes import SyncClaimRoutes
 
-            self._routes = SyncClaimRoutes(self)
+            self._routes = SyncClaimRoutes(self, direct)
             self._routes.refresh()
 
     # --- public API ----------------------------------------------------------------
@@ -409,8 +416,8 @@ class Client:
         self._next_id = 0
         self._fail_refused = False  # it listens: later refusals are a restart, retried
         try:
-            resp = self._round_trip(lambda i: Hello(i, PROTOCOL_VERSION, self._token, _NAME),
-                                    deadline)
+            resp = self._round_trip(
+                lambda i: Hello(i, PROTOCOL_VERSION, self._token, _NAME, self._shard), deadline)
             if type(resp) is not Welcome:
                 raise _unexpected(resp)
         except AuthenticationFailed as exc:
@@ -420,6 +427,7 @@ class Client:
             self._drop()
             raise
         _set_max_frame(self._reader, self._writer, _accepted_frame(resp.max_frame))
+        self.layout = (resp.shards, resp.partitions)
 
     def _round_trip(self, build: Callable[[int], msgspec.Struct],
                     deadline: float | None = None) -> Any:
@@ -592,18 +600,21 @@ class AsyncClient:
     retries included; ``tls`` as for :class:`Client`. ``cluster=True``: learn
     which instance of a cluster owns each routing slot and send each claim
     straight to it (see ango.cluster.client_routes); other calls go to
-    ``host:port``.
+    ``host:port``. ``direct=True`` (with ``cluster``): straight to the owning
+    shard process of that instance, over one direct connection per shard
+    (docs/PROTOCOL.md), the instance's connection when that fails.
     """
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
                  timeout: float = 5.0, *, data_dir: str | None = None,
                  tls: bool | ssl.SSLContext | None = None,
-                 wait_for_server: bool = True, cluster: bool = False) -> None:
+                 wait_for_server: bool = True, cluster: bool = False, direct: bool = False,
+                 shard: int | None = None) -> None:
         self._routes: ClaimRoutes | None = None
-        if cluster:
-            from ango.cluster.client_routes import ClaimRoutes
-
-            self._routes = ClaimRoutes(self)
+        #: The shard named in the hello (a direct connection: claims only), or None.
+        self._shard = shard
+        #: (shards, partitions) of the instance, from its welcome ((0, 0): unknown).
+        self.layout = (0, 0)
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -613,17 +624,22 @@ class AsyncClient:
         self._connecting: asyncio.Future | None = None
         self._closed = False
         self._fail_refused = not wait_for_server  # until a connection succeeded
+        if cluster:
+            from ango.cluster.client_routes import ClaimRoutes
+
+            self._routes = ClaimRoutes(self, direct)
 
     @classmethod
     async def connect(cls, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                       token: str | None = None, timeout: float = 5.0, *,
                       data_dir: str | None = None,
                       tls: bool | ssl.SSLContext | None = None,
-                      wait_for_server: bool = True, cluster: bool = False) -> AsyncClient:
+                      wait_for_server: bool = True, cluster: bool = False,
+                      direct: bool = False) -> AsyncClient:
         """A connected client (the handshake done, retried until ``timeout``); with
         ``cluster``, the partition map fetched too."""
         client = cls(host, port, token, timeout, data_dir=data_dir, tls=tls,
-                     wait_for_server=wait_for_server, cluster=cluster)
+                     wait_for_server=wait_for_server, cluster=cluster, direct=direct)
         loop = asyncio.get_running_loop()
         await client._connection(loop.time() + timeout)
         if client._routes is not None:
@@ -817,8 +833,8 @@ class AsyncClient:
             raise
         self._fail_refused = False  # it listens: later refusals are a restart, retried
         try:
-            resp = await conn.request(Hello(conn.new_id(), PROTOCOL_VERSION, self._token, _NAME),
-                                      deadline)
+            resp = await conn.request(
+                Hello(conn.new_id(), PROTOCOL_VERSION, self._token, _NAME, self._shard), deadline)
         except AuthenticationFailed as exc:
             conn.close()
             raise _refused(exc, self._token_source) from None
@@ -827,6 +843,7 @@ class AsyncClient:
             raise
         if type(resp) is Welcome:
             _set_max_frame(conn.reader, conn.writer, _accepted_frame(resp.max_frame))
+            self.layout = (resp.shards, resp.partitions)
             return conn
         conn.close()
         if type(resp) is Error:

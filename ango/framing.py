@@ -99,6 +99,11 @@ class FrameReader:
         self._pos = 0
         self._owned = True
 
+    def held(self) -> bytes:
+        """A copy of the bytes received and not yet consumed (a partial frame, or more)."""
+        with memoryview(self._data) as view:
+            return bytes(view[self._pos:])
+
     def clear(self) -> None:
         """Drop everything held."""
         self._data = b""

@@ -17,6 +17,10 @@ import msgspec
 PROTOCOL_VERSION = 1
 #: Largest frame payload either side accepts, in bytes (the 4-byte header excluded).
 MAX_FRAME = 64 * 1024
+#: The ``protocol`` error closing a direct connection (hello with ``shard``) that
+#: sent something other than a claim; ``kind`` is the request's type.
+CLAIMS_ONLY = ("this connection's hello named a shard: it carries claims only, not {kind!r}; "
+               "send other requests on a connection without shard")
 
 class _Message(msgspec.Struct, tag=True, tag_field="type"):
     """Common base: every message is a map with a ``type`` tag and an ``id``."""
@@ -25,7 +29,7 @@ class _Message(msgspec.Struct, tag=True, tag_field="type"):
 # --- requests (client to server) -------------------------------------------------
 
 
-class Hello(_Message, tag="hello"):
+class Hello(_Message, tag="hello", omit_defaults=True):
     """First frame of every connection: protocol version and token.
 
     ``token`` may be absent or nil so that the server can answer a missing
@@ -36,6 +40,9 @@ class Hello(_Message, tag="hello"):
     version: int
     token: str | None = None
     client: str | None = None
+    #: Protocol 1, added with issue 13: make this a direct connection to shard
+    #: ``shard`` of the instance (claims only; see docs/PROTOCOL.md).
+    shard: int | None = None
 
 
 class Claim(_Message, tag="claim", omit_defaults=True):
@@ -146,7 +153,7 @@ Request = (Hello | Claim | ListBatches | Expire | GetStats | Ping | Lookup | Cus
 # --- responses (server to client) ------------------------------------------------
 
 
-class Welcome(_Message, tag="welcome"):
+class Welcome(_Message, tag="welcome", omit_defaults=True):
     """Answer to a good ``hello``: the connection may now send requests."""
 
     id: int
@@ -155,6 +162,10 @@ class Welcome(_Message, tag="welcome"):
     max_frame: int
     max_in_flight: int
     idle_timeout: float
+    #: Added with issue 13 (0 when unknown): the instance's shard processes and the
+    #: database's partitions; a claim's shard is ``crc32 % partitions % shards``.
+    shards: int = 0
+    partitions: int = 0
 
 
 class Code(_Message, tag="code", omit_defaults=True):

@@ -1,6 +1,7 @@
 """Claims per second and p99 through a cluster: cluster-aware client vs plain client.
 
     python -m benchmarks.cluster_load [--instances 3] [--shards 1] [--seconds 5] [--rounds 2]
+        [--modes cluster,plain,direct]
 
 Starts ``--instances`` `ango serve` processes on one fresh database (the server
 of ``ANGO_BENCH_DSN``, else Ango's own lookup), waits until they share the
@@ -10,7 +11,10 @@ alternates two clients, ``--rounds`` times each:
 - ``cluster``: ``AsyncClient(cluster=True)``: each claim goes straight to the
   instance owning its routing slot (no server hop);
 - ``plain``: an ordinary ``AsyncClient`` on the first instance, which serves
-  the claims of its own slots and forwards the others' to their owners.
+  the claims of its own slots and forwards the others' to their owners;
+- ``direct`` (issue 13): ``AsyncClient(cluster=True, direct=True)``: each claim
+  goes straight to the owning *shard process* of the owning instance, over a
+  direct connection (no server hop at all).
 
 Prints one JSON object: per client and concurrency the median claims/s and p99
 (ms) of the rounds and the CPU microseconds per claim of the instances, their
@@ -83,7 +87,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--codes", type=int, default=1_500_000)
+    parser.add_argument("--modes", default="cluster,plain",
+                        help="clients to alternate, comma-separated: cluster, plain, direct")
     args = parser.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or set(modes) - {"cluster", "plain", "direct"}:
+        raise SystemExit(f"--modes: pick from cluster, plain, direct; got {args.modes!r}")
     token = os.environ.get("ANGO_TOKEN") or os.urandom(16).hex()
     result: dict = {"instances": args.instances, "shards_per_instance": args.shards,
                     "seconds": args.seconds, "runs": []}
@@ -100,11 +109,12 @@ def main() -> None:
                 time.sleep(0.2)
             for concurrency in (100, 1000):
                 for round_ in range(args.rounds):
-                    for mode in ("cluster", "plain"):
+                    for mode in modes:
                         cpu = _cpu_split(db, servers)
                         found = uvloop.run(drive(
                             servers[0].port, token, batch, concurrency, 1, args.seconds,
                             prefix=f"{mode}{concurrency}r{round_}-", cluster=mode == "cluster",
+                            direct=mode == "direct",
                             on_window=(cpu.start, cpu.stop)))
                         result["runs"].append({
                             "client": mode, "concurrency": concurrency, "round": round_,
@@ -115,15 +125,17 @@ def main() -> None:
             for server in servers:
                 server.stop()
     summary = {}
-    for mode in ("cluster", "plain"):
+    for mode in modes:
         for concurrency in (100, 1000):
             runs = [r for r in result["runs"]
                     if r["client"] == mode and r["concurrency"] == concurrency]
             summary[f"{mode}@{concurrency}"] = {
                 "claims_per_s": statistics.median(r["claims_per_s"] for r in runs),
                 "p99_ms": statistics.median(r["p99_ms"] or 0 for r in runs),
-                "cpu_us_per_claim": statistics.median(
-                    (r["cpu_us_per_claim"] or {}).get("total", 0) for r in runs)}
+                "cpu_us_per_claim": {
+                    kind: statistics.median((r["cpu_us_per_claim"] or {}).get(kind, 0)
+                                            for r in runs)
+                    for kind in ("instances", "shards", "client", "pg_backends", "total")}}
     result["median"] = summary
     print(json.dumps(result))
 

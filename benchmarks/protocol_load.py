@@ -131,7 +131,7 @@ async def drive(port: int, token: str, batch: str, concurrency: int, connections
                 seconds: float, warmup: float = 0.5, *, budget: int | None = None,
                 keep_codes: bool = False, prefix: str = "c",
                 on_window: tuple | None = None, tls: ssl.SSLContext | None = None,
-                cluster: bool = False) -> Drive:
+                cluster: bool = False, direct: bool = False) -> Drive:
     """Keep ``concurrency`` claims in flight for ``warmup`` + ``seconds``.
 
     Claims run on ``connections`` clients (claim ``w`` uses client ``w %
@@ -142,10 +142,11 @@ async def drive(port: int, token: str, batch: str, concurrency: int, connections
     batch is not run dry: the window then ends when the budget is spent).
     ``on_window`` is a pair of callables run at the window's start and end
     (e.g. CPU samples). ``cluster``: cluster-aware clients (claims straight to
-    the owner of their routing slot; ``port`` only serves the map).
+    the owner of their routing slot; ``port`` only serves the map); ``direct``
+    too: straight to the owning shard process (docs/PROTOCOL.md).
     """
     clients = [await ango.AsyncClient.connect(port=port, token=token, timeout=30, tls=tls,
-                                              cluster=cluster)
+                                              cluster=cluster or direct, direct=direct)
                for _ in range(connections)]
     loop = asyncio.get_running_loop()
     result = Drive()

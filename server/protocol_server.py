@@ -32,6 +32,7 @@ from ango.errors import (
 from ango.framing import FrameReader, FrameTooLarge, FrameWriter
 from ango.importer import parse_uuid
 from ango.protocol import (
+    CLAIMS_ONLY,
     MAX_CUSTOMER_CODES_PER_FRAME,
     PROTOCOL_VERSION,
     Batch,
@@ -64,6 +65,7 @@ from ango.protocol import (
     request_decoder,
     salvage_id,
 )
+from ango.shards.messages import MAX_HANDOFF_PENDING, Direct
 from ango.tokens import Authenticator, Scope
 
 from .limits import Limits
@@ -174,7 +176,7 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "server", "transport", "peer", "authenticated", "scope", "in_flight", "last_active",
         "opened", "closing", "_reader", "_writer", "_paused", "_reading_paused",
-        "_max_in_flight", "_eof", "_tls", "_sniffing",
+        "_max_in_flight", "_eof", "_tls", "_sniffing", "claims_only",
     )
 
     def __init__(self, server: ProtocolServer) -> None:
@@ -200,6 +202,8 @@ class Connection(asyncio.Protocol):
         self._tls: ServerTLS | None = None
         # The first bytes tell TLS from plain text (only when the server has a certificate).
         self._sniffing = server.tls is not None
+        #: A hello that named a shard: claims only, whether handed to it or not.
+        self.claims_only = False
 
     # --- asyncio.Protocol ------------------------------------------------------
 
@@ -321,6 +325,10 @@ class Connection(asyncio.Protocol):
         if not self.authenticated:
             self.abort(AuthenticationFailed.code, "the first request must be hello")
             return
+        if self.claims_only:
+            self.abort(ProtocolError.code, CLAIMS_ONLY.format(
+                kind=kind.__struct_config__.tag))
+            return
         alloc = server.allocator
         if kind is Ping:
             self.send(Pong(msg.id))
@@ -364,7 +372,7 @@ class Connection(asyncio.Protocol):
         # A correct token is welcomed at once, whatever its address sent before.
         scope = server.auth.lookup(msg.token)
         if scope is not None:
-            self._welcome(msg.id, scope)
+            self._welcome(msg, scope)
             return
         # Not known now: maybe a client token made a moment ago. Read nothing
         # more until the reload (rate-limited by the authenticator) says.
@@ -377,19 +385,57 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         if scope is not None:
-            self._welcome(msg.id, scope)
+            self._welcome(msg, scope)
             self._unpause(_PAUSE_AUTH)
             return
         self._refuse(msg)
 
-    def _welcome(self, request_id: int, scope: Scope) -> None:
+    def _welcome(self, msg: Hello, scope: Scope) -> None:
         server = self.server
         self.authenticated = True
         self.scope = scope
         server.authenticated_or_gone(self)
         limits = server.limits
-        self.send(Welcome(request_id, PROTOCOL_VERSION, f"ango/{__version__}", limits.max_frame,
-                          limits.max_in_flight, limits.idle_timeout))
+        alloc = server.allocator
+        self.send(Welcome(msg.id, PROTOCOL_VERSION, f"ango/{__version__}", limits.max_frame,
+                          limits.max_in_flight, limits.idle_timeout,
+                          getattr(alloc, "shard_count", 0), getattr(alloc, "partitions", 0)))
+        if msg.shard is not None:
+            self.claims_only = True
+            self._hand_off(msg.shard)
+
+    def _hand_off(self, shard: int) -> None:
+        """Pass this connection to shard ``shard`` of the allocator (issue 13), if it can.
+
+        Not over TLS (the session cannot be passed), nor while anything is left
+        to write: the welcome must reach the client before the shard's answers.
+        Otherwise, or when the shard cannot take it, it stays here, claims only.
+        """
+        server = self.server
+        hand_off = getattr(server.allocator, "hand_off", None)
+        if hand_off is None or self._tls is not None or server.draining:
+            return
+        self._writer.flush()  # the welcome, before the shard writes anything
+        transport = self.transport
+        sock = transport.get_extra_info("socket")
+        if sock is None or transport.get_write_buffer_size() or len(self._reader) > \
+                MAX_HANDOFF_PENDING:
+            return
+        limits = server.limits
+        scope = self.scope
+        handoff = Direct(scope.name, scope.client_id, scope.token_id, limits.max_in_flight,
+                         limits.max_frame, limits.max_connections, limits.idle_timeout,
+                         self._reader.held())
+        if not hand_off(shard, sock.fileno(), handoff):
+            return
+        if scope.token_id is not None:
+            server.direct_scopes[scope.token_id] = scope
+        server.handed_off += 1
+        # The shard holds its own descriptor of the socket: closing ours neither
+        # shuts the connection down nor says anything to the client.
+        self._reader.clear()
+        self.closing = True
+        transport.abort()
 
     def _refuse(self, msg: Hello) -> None:
         server = self.server
@@ -663,6 +709,10 @@ class ProtocolServer:
         self.requests = 0
         self.claims_served = 0
         self.in_flight = 0
+        #: Connections passed to a shard (issue 13), and the client tokens among them
+        #: (by token id), so that revoking one closes its connections there too.
+        self.handed_off = 0
+        self.direct_scopes: dict[int, Scope] = {}
         self.draining = False
         self.idle = asyncio.Event()
         self.started = time.time()
@@ -726,6 +776,7 @@ class ProtocolServer:
             "unauthenticated": len(self._unauthenticated),
             "requests": self.requests,
             "claims_served": self.claims_served,
+            "handed_off": self.handed_off,
             "in_flight": self.in_flight,
             "draining": self.draining,
             "uptime_s": round(time.time() - self.started, 3),
@@ -809,6 +860,11 @@ class ProtocolServer:
             if not conn._paused & _PAUSE_AUTH:  # a wrong token is closed by its own timer
                 conn.abort(AuthenticationFailed.code, "no hello in time")
         is_live = self.auth.is_live
+        revoked = [tid for tid, scope in self.direct_scopes.items() if not is_live(scope)]
+        if revoked:
+            for tid in revoked:
+                del self.direct_scopes[tid]
+            self.allocator.revoke_tokens(revoked)
         for conn in list(self.connections):
             if conn.closing or not conn.authenticated:
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -20,7 +21,7 @@ class Pending:
     """A claim in the shard's hands (a plain slotted class: one is made per claim)."""
 
     __slots__ = ("tag", "batch_id", "customer_id", "client_id", "request_id", "received",
-                 "attempts", "meta", "slot", "code", "lease", "followers", "rivals")
+                 "attempts", "meta", "slot", "code", "lease", "followers", "rivals", "direct")
 
     def __init__(self, tag: int, batch_id: str, customer_id: str, client_id: str | None,
                  request_id: str, received: float) -> None:
@@ -37,3 +38,6 @@ class Pending:
         self.lease = 0
         self.followers: list[Pending] = []  # same batch, request id and customer
         self.rivals: list[Pending] = []  # same batch and request id, another customer
+        #: The client connection handed to this shard that sent the claim (None:
+        #: it came from the Allocator); ``tag`` is then the request's protocol id.
+        self.direct: Any = None

@@ -16,6 +16,10 @@ import msgspec
 from ango.framing import FrameReader, FrameWriter
 
 MAX_FRAME = 64 * 1024 * 1024
+#: Bytes already read from a connection that its hand-off carries at most (else
+#: it stays with the server), and the largest hand-off message.
+MAX_HANDOFF_PENDING = 64 * 1024
+MAX_HANDOFF = MAX_HANDOFF_PENDING + 1024
 
 
 class Claim(msgspec.Struct, array_like=True):
@@ -48,6 +52,12 @@ class ForgetSlots(msgspec.Struct, tag="forget_slots", array_like=True):
     slot_count: int
 
 
+class RevokeTokens(msgspec.Struct, tag="revoke_tokens", array_like=True):
+    """Close the direct connections authenticated with these client tokens (revoked)."""
+
+    token_ids: list[int]
+
+
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     """Finish the claims in hand, release leases and exit."""
 
@@ -77,6 +87,8 @@ class Results(msgspec.Struct, tag="results", array_like=True):
 
     results: list[Result]
     groups: list[tuple[int, float]] = []
+    #: Codes issued on direct connections since the last frame (answered there).
+    direct: int = 0
 
 
 class Ready(msgspec.Struct, tag="ready", array_like=True):
@@ -105,7 +117,22 @@ class StartFailed(msgspec.Struct, tag="start_failed", array_like=True):
     reason: str
 
 
-ToShard = Claims | StatsRequest | Shutdown | Ping | ForgetSlots
+class Direct(msgspec.Struct, array_like=True):
+    """A client connection handed to the shard (issue 13), sent with its socket
+    (SCM_RIGHTS) on the shard's hand-off socket: the scope its token was
+    authenticated with, its limits, and the bytes the server had already read."""
+
+    scope_name: str
+    client_id: str | None
+    token_id: int | None
+    max_in_flight: int
+    max_frame: int
+    max_connections: int
+    idle_timeout: float
+    pending: bytes
+
+
+ToShard = Claims | StatsRequest | Shutdown | Ping | ForgetSlots | RevokeTokens
 FromShard = Results | Ready | StatsReply | Pong | StartFailed
 
 

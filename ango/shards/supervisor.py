@@ -32,6 +32,7 @@ from ango.shards import messages as m
 from ango.tally import GROUP_SIZE_BUCKETS, SECONDS_BUCKETS, Tally
 
 log = logging.getLogger("ango.supervisor")
+_encode = msgspec.msgpack.Encoder().encode
 
 READY_TIMEOUT_S = 60.0
 MAX_RESENDS = 3
@@ -117,6 +118,8 @@ class ShardHandle:
         self.flush_scheduled = False
         self.decoder = msgspec.msgpack.Decoder(m.FromShard)
         self.watcher: asyncio.Task[None] | None = None
+        #: The parent's end of the hand-off socket (client connections, issue 13).
+        self.door: socket.socket | None = None
         self.pinger: asyncio.Task[None] | None = None
         self.last_pong = 0.0
         self.pings = 0
@@ -132,17 +135,28 @@ class ShardHandle:
         """Start the process and wait until it has recovered its leases."""
         loop = asyncio.get_running_loop()
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Records, each one message with the socket it hands over (SCM_RIGHTS).
+        door, child_door = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = shard_environment(self.dsn)
         try:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "ango.shards.worker",
                 "--fd", str(child_sock.fileno()), "--index", str(self.index),
                 "--count", str(self.count), "--instance", self.instance,
-                "--parts", ",".join(map(str, self.parts)),
-                pass_fds=(child_sock.fileno(),), env=env, stdin=asyncio.subprocess.DEVNULL,
+                "--parts", ",".join(map(str, self.parts)), "--door-fd", str(child_door.fileno()),
+                pass_fds=(child_sock.fileno(), child_door.fileno()), env=env,
+                stdin=asyncio.subprocess.DEVNULL,
             )
+        except BaseException:
+            door.close()
+            raise
         finally:
             child_sock.close()
+            child_door.close()
+        door.setblocking(False)
+        if self.door is not None:
+            self.door.close()
+        self.door = door
         self.ready = loop.create_future()
         _, self.link = await loop.create_unix_connection(
             lambda: m.FramedProtocol(self.decoder, self._receive, self._lost), sock=parent_sock)
@@ -177,7 +191,7 @@ class ShardHandle:
                 else:
                     self.refused += 1
                     entry[0].set_exception(error_from_code(r.error, r.message or r.error))
-            self.served += served
+            self.served += served + message.direct
             for size, seconds in message.groups:
                 self.group_sizes.observe(size)
                 self.group_seconds.observe(seconds)
@@ -301,6 +315,21 @@ class ShardHandle:
         claims, self.outbox = self.outbox, []
         self.link.send(m.Claims(claims))
 
+    def hand_off(self, fd: int, handoff: m.Direct) -> bool:
+        """Pass a client connection's socket to the shard; False when it cannot take it now."""
+        if not self.alive or self.door is None:
+            return False
+        try:
+            socket.send_fds(self.door, [_encode(handoff)], [fd])
+        except OSError:  # full (BlockingIOError) or gone: the server keeps the connection
+            return False
+        return True
+
+    def revoke_tokens(self, token_ids: list[int]) -> None:
+        """Have the shard close the direct connections of these revoked tokens."""
+        if self.alive:
+            self.link.send(m.RevokeTokens(token_ids))
+
     def request_stats(self, tag_id: int) -> None:
         """Ask for counters; the reply goes to ``on_stats``."""
         if self.alive:
@@ -344,3 +373,6 @@ class ShardHandle:
             if task is not None:
                 task.cancel()
         self._fail_all(Unavailable("allocator closed"))
+        if self.door is not None:
+            self.door.close()
+            self.door = None

@@ -31,6 +31,7 @@ import psycopg
 from ango.background import stop_task
 from ango.errors import AngoError, Unavailable
 from ango.logs import configure_from_env
+from ango.shards import direct as direct_lib
 from ango.shards import messages as m
 from ango.shards.claims import Pending
 from ango.shards.group_commit import MAX_ATTEMPTS, GroupCommit
@@ -68,6 +69,10 @@ class Shard:
         self.served = 0
         self.groups = 0
         self.group_reports: list[tuple[int, float]] = []  # (claims, seconds), sent with results
+        #: Client connections handed to this shard (issue 13), and revoked token ids.
+        self.direct: set[direct_lib.DirectConnection] = set()
+        self.revoked: set[int] = set()
+        self.direct_served = 0  # since the last Results frame
 
     # -- start-up and recovery -------------------------------------------------
 
@@ -100,6 +105,8 @@ class Shard:
             self.send(m.StatsReply(message.tag_id, self.stats()))
         elif isinstance(message, m.ForgetSlots):
             self.group_commit.forget_slots(set(message.slots), message.slot_count)
+        elif isinstance(message, m.RevokeTokens):
+            direct_lib.revoke(self, message.token_ids)
         elif isinstance(message, m.Shutdown):
             self.stopping = True
             self.wake.set()
@@ -109,7 +116,12 @@ class Shard:
             self.link.send(message)
 
     def answer(self, p: Pending, code: str | None, error: AngoError | None = None) -> None:
-        if error is None:
+        if p.direct is not None:
+            p.direct.answer(p.tag, code, error)
+            if error is None:
+                self.served += 1
+                self.direct_served += 1
+        elif error is None:
             self.results.append(m.Result(p.tag, code))
             self.served += 1
         else:
@@ -123,10 +135,11 @@ class Shard:
             self.wake.set()
 
     def flush(self) -> None:
-        if self.results or self.group_reports:
-            self.send(m.Results(self.results, self.group_reports))
+        if self.results or self.group_reports or self.direct_served:
+            self.send(m.Results(self.results, self.group_reports, self.direct_served))
             self.results = []
             self.group_reports = []
+            self.direct_served = 0
 
     def stats(self) -> dict:
         gc = self.group_commit
@@ -135,7 +148,7 @@ class Shard:
             "partitions": self.parts, "claims_served": self.served, "groups": self.groups,
             "pending": len(self.pending), "parked": len(gc.parked),
             "codes_held": gc.pool.codes_held, "leases_held": gc.pool.leases_held,
-            "customers_cached": len(gc.counters),
+            "customers_cached": len(gc.counters), "direct_connections": len(self.direct),
         }
 
     async def run(self) -> None:
@@ -299,6 +312,7 @@ async def main_async(args: argparse.Namespace) -> None:
         link.transport.close()  # flushes the message first
         await asyncio.wait([lost], timeout=2.0)
         os._exit(78)
+    door = direct_lib.Door(shard, socket.socket(fileno=args.door_fd)) if args.door_fd else None
     shard.send(m.Ready(shard.owner, recovered))
     beat = asyncio.create_task(shard.heartbeat())
     beat.add_done_callback(functools.partial(_heartbeat_ended, shard))
@@ -306,6 +320,10 @@ async def main_async(args: argparse.Namespace) -> None:
         await shard.run()
     finally:
         await stop_task(beat)
+        if door is not None:
+            door.close()
+        for conn in list(shard.direct):  # their claims are answered: say why they close
+            conn.abort(Unavailable.code, "the shard is shutting down", retryable=True)
         shard.flush()
         await shard.close()
 
@@ -333,6 +351,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--instance", required=True)
     parser.add_argument("--parts", default="")
+    parser.add_argument("--door-fd", type=int, default=0,
+                        help="the hand-off socket: client connections passed to this shard")
     args = parser.parse_args()
     configure_from_env()  # as `ango serve --log-level/--log-format` set it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the Allocator decides when we stop
