@@ -295,9 +295,9 @@ def test_the_next_lease_is_fetched_ahead_and_the_last_codes_are_still_all_issued
         owner = await Owner(dsn, ahead=True).open()
         try:
             [first] = await owner.decide([claim(batch, "c-0")])
-            after_first = owner.group_commit.pool.held(first_key(owner))
             await owner.group_commit.stop_prefetching()
             ahead = owner.group_commit.pool.held(first_key(owner))
+            leases = leases_of(dsn, owner.store.control.owner)
             tags = []
             for n in range(1, 320, 40):
                 group = [claim(batch, f"c-{i}") for i in range(n, n + 40)]
@@ -306,18 +306,26 @@ def test_the_next_lease_is_fetched_ahead_and_the_last_codes_are_still_all_issued
                 while owner.group_commit.parked:  # decided again, as the loop does
                     await owner.group_commit.stop_prefetching()
                     await owner.decide(owner.group_commit.take_parked())
-            return after_first, ahead, [first] + [owner.answers[tag] for tag in tags]
+            return leases, ahead, [first] + [owner.answers[tag] for tag in tags]
         finally:
             await owner.close()
 
-    after_first, ahead, answers = run(go())
-    assert ahead > after_first  # a second block held without a claim asking for it
+    leases, ahead, answers = run(go())
+    # One claim, two leases: the second block was leased ahead, no claim asking for
+    # it (128 codes, then half of the 172 left); every code not issued is held.
+    assert leases == 2 and ahead == 300 - 1 - 86
     codes = [code for code, error in answers if error is None]
     refused = [error for code, error in answers if error is not None]
     assert len(codes) == len(set(codes)) == 300
     assert refused and all(isinstance(e, BatchExhausted) for e in refused)
     assert len(issues(dsn, batch)) == 300
     assert_clean(dsn)
+
+
+def leases_of(dsn: str, owner: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT count(*) FROM ango.leases WHERE owner = %s",
+                            (owner,)).fetchone()[0]
 
 
 def first_key(owner: Owner) -> int:
