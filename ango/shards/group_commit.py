@@ -296,8 +296,11 @@ class GroupCommit:
     # -- commit -------------------------------------------------------------------
 
     async def commit(self, issuing: list[Pending], verify: list[tuple[Pending, AngoError]],
-                     db: ShardConnection) -> None:
+                     db: ShardConnection) -> int:
         """The group commit: one autocommitted statement in the common case.
+
+        Returns how many claims it issued (those that missed are retried or
+        answered otherwise).
 
         Claims are answered only after it returns, that is after COMMIT (I2).
         Misses are explained afterwards by reads of committed state.
@@ -353,6 +356,7 @@ class GroupCommit:
                     self.answer(p, None, Unavailable("claim kept conflicting; retry"))
                 else:
                     self.parked.append(p)
+            return len(issued)
         finally:
             # Returned or raised, this group's codes are no longer in flight (I7:
             # "exhausted" waits for them).

@@ -207,9 +207,9 @@ class Shard:
         """Commit a prepared group on its own connection, answer, and wake the loop."""
         started = time.monotonic()
         try:
-            await self.group_commit.commit(issuing, verify, db)
+            issued = await self.group_commit.commit(issuing, verify, db)
             if issuing:
-                self.group_reports.append((len(issuing), time.monotonic() - started))
+                self.group_reports.append((issued, time.monotonic() - started))
         except psycopg.OperationalError as exc:
             log.info("shard %s: database error, retrying: %s", self.index, exc)
             self.requeue(group)
