@@ -766,10 +766,7 @@ class AsyncClient:
             if self._closed:
                 raise AngoError("the client is closed")
             try:
-                conn = self._conn
-                if conn is None or conn.closed:
-                    conn = await self._connection(deadline)
-                resp = await conn.request(build(conn.new_id()), deadline)
+                resp = await self._send_once(build, deadline)
                 if type(resp) is expect:
                     return resp
                 if type(resp) is Error:
@@ -786,6 +783,14 @@ class AsyncClient:
                                       f"{self.timeout} s: {exc or type(exc).__name__}") from exc
                 await asyncio.sleep(min(delay, remaining))
                 delay = min(delay * 2, _MAX_BACKOFF)
+
+    async def _send_once(self, build: Callable[[int], msgspec.Struct], deadline: float) -> Any:
+        """One request on the connection (opened if need be) and its answer, whatever it
+        is; no retry (``_request`` retries; cluster routing falls back another way)."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            conn = await self._connection(deadline)
+        return await conn.request(build(conn.new_id()), deadline)
 
     async def _connection(self, deadline: float) -> _Connection:
         """The open connection, opening one (shared by concurrent callers) if needed."""

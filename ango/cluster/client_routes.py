@@ -186,11 +186,8 @@ class ClaimRoutes:
         deadline = loop.time() + OWNER_TIMEOUT_S
         resp: Any = None
         try:
-            conn = owner._conn
-            if conn is None or conn.closed:
-                conn = await owner._connection(deadline)
-            resp = await conn.request(
-                Claim(conn.new_id(), batch_id, customer_id, client_id, request_id), deadline)
+            resp = await owner._send_once(
+                lambda i: Claim(i, batch_id, customer_id, client_id, request_id), deadline)
         except AngoError as exc:
             if not exc.retryable:
                 raise
@@ -228,11 +225,8 @@ class ClaimRoutes:
         deadline = asyncio.get_running_loop().time() + OWNER_TIMEOUT_S
         resp: Any = None
         try:
-            conn = client._conn
-            if conn is None or conn.closed:
-                conn = await client._connection(deadline)
-            resp = await conn.request(
-                Claim(conn.new_id(), batch_id, customer_id, client_id, request_id), deadline)
+            resp = await client._send_once(
+                lambda i: Claim(i, batch_id, customer_id, client_id, request_id), deadline)
         except Exception:  # noqa: S110 - lost, refused, late, a shard killed: the other way
             pass
         if type(resp) is Code:
