@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import msgspec
 
+from ango.errors import InvalidInput, ProtocolError
+
 #: Bumped on any incompatible change; ``hello`` carries it and the server refuses others.
 PROTOCOL_VERSION = 1
 #: Largest frame payload either side accepts, in bytes (the 4-byte header excluded).
@@ -328,6 +330,22 @@ class _Envelope(msgspec.Struct):
 request_decoder = msgspec.msgpack.Decoder(Request)
 response_decoder = msgspec.msgpack.Decoder(Response)
 envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+
+
+def decode_request(payload: bytes | memoryview) -> tuple[Any, Error | None]:
+    """The request in a frame, or None and the error that answers it: with the
+    request's id when one could be salvaged (answer it, keep the connection), with
+    a nil id when not (send it and close the connection)."""
+    try:
+        return request_decoder.decode(payload), None
+    # A str that is not UTF-8 raises UnicodeDecodeError: a malformed request too.
+    except (msgspec.ValidationError, UnicodeDecodeError) as exc:
+        request_id = salvage_id(payload)
+        code = ProtocolError.code if request_id is None else InvalidInput.code
+        return None, Error(request_id, code, f"invalid request: {exc}", False)
+    except msgspec.DecodeError:
+        return None, Error(None, ProtocolError.code, "malformed frame: not a MessagePack map",
+                           False)
 
 
 def salvage_id(payload: bytes | memoryview) -> int | None:

@@ -62,8 +62,7 @@ from ango.protocol import (
     SetSchedule,
     Stats,
     Welcome,
-    request_decoder,
-    salvage_id,
+    decode_request,
 )
 from ango.shards.messages import MAX_HANDOFF_PENDING, Direct
 from ango.tokens import Authenticator, Scope
@@ -301,18 +300,12 @@ class Connection(asyncio.Protocol):
     def _handle(self, payload: memoryview) -> None:
         server = self.server
         server.requests += 1
-        try:
-            msg = request_decoder.decode(payload)
-        # A str that is not UTF-8 raises UnicodeDecodeError: a malformed request too.
-        except (msgspec.ValidationError, UnicodeDecodeError) as exc:
-            request_id = salvage_id(payload)
-            if request_id is None or not self.authenticated:
-                self.abort(ProtocolError.code, f"invalid request: {exc}")
+        msg, error = decode_request(payload)
+        if error is not None:
+            if error.id is None or not self.authenticated:
+                self.abort(ProtocolError.code, error.message)
             else:
-                self.send(Error(request_id, InvalidInput.code, f"invalid request: {exc}", False))
-            return
-        except msgspec.DecodeError:
-            self.abort(ProtocolError.code, "malformed frame: not a MessagePack map")
+                self.send(error)
             return
         kind = type(msg)
         if kind is Claim:

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from ango.allocator import claim_fields
-from ango.errors import AngoError, AuthenticationFailed, InvalidInput, ProtocolError, Unavailable
+from ango.errors import AngoError, AuthenticationFailed, ProtocolError, Unavailable
 from ango.framing import FrameReader, FrameTooLarge, FrameWriter
-from ango.protocol import CLAIMS_ONLY, Claim, Code, Error, request_decoder, salvage_id
+from ango.protocol import CLAIMS_ONLY, Claim, Code, Error, decode_request
 from ango.shards import messages as m
 from ango.shards.claims import Pending
 from ango.tokens import Scope
@@ -113,17 +113,12 @@ class DirectConnection(asyncio.Protocol):
 
     def _handle(self, payload: memoryview) -> bool:
         """Queue one claim frame (True), or answer why not (False)."""
-        try:
-            msg = request_decoder.decode(payload)
-        except (msgspec.ValidationError, UnicodeDecodeError) as exc:
-            request_id = salvage_id(payload)
-            if request_id is None:
-                self.abort(ProtocolError.code, f"invalid request: {exc}")
+        msg, error = decode_request(payload)
+        if error is not None:
+            if error.id is None:
+                self.abort(error.code, error.message)
             else:
-                self.send(Error(request_id, InvalidInput.code, f"invalid request: {exc}", False))
-            return False
-        except msgspec.DecodeError:
-            self.abort(ProtocolError.code, "malformed frame: not a MessagePack map")
+                self.send(error)
             return False
         if type(msg) is not Claim:
             self.abort(ProtocolError.code,
