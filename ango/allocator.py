@@ -264,8 +264,7 @@ class Allocator:
         router = self.router
         if router is None or forwarded:
             self.last_claim_moved = False
-            self._route[h % self.partitions].submit(
-                m.Claim(next(self._tags), bid, customer, client, request), future)
+            self._serve_here(h, bid, customer, client, request, future)
             return future
         # Ownership only places the customer's counters; PostgreSQL arbitrates the
         # claim wherever it is served, so serving it here instead is always correct.
