@@ -129,6 +129,19 @@ class CpuSplit:
         return self.result
 
 
+#: CPU not spent on the measured claims: other users of the machine, other databases.
+NOT_OURS = ("other_processes", "pg_other")
+
+
+def us_per_claim(split: dict, claims: float, digits: int = 1) -> dict[str, float]:
+    """CPU µs per claim of each group of a :class:`CpuSplit` result, and ``all`` of them
+    (what is :data:`NOT_OURS` left out)."""
+    per = {k: round(v / claims * 1e6, digits) for k, v in split["cpu_s"].items()
+           if k not in NOT_OURS}
+    per["all"] = round(sum(per.values()), digits)
+    return per
+
+
 def children_of(pid: int) -> Callable[[], list[int]]:
     """A group function: the (recursive) children of ``pid`` now."""
     def pids() -> list[int]:

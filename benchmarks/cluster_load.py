@@ -39,7 +39,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from ango.cluster.slots import fair_shares
 from ango.importer import import_codes
-from benchmarks._cpu import CpuSplit, children_of, postmaster_pid
+from benchmarks._cpu import CpuSplit, children_of, postmaster_pid, us_per_claim
 from benchmarks._db import CLIENT, fresh_database, server_dsn, write_codes_csv
 from benchmarks.protocol_load import drive, start_server
 
@@ -71,12 +71,7 @@ def _cpu_split(dsn: str, servers: list) -> CpuSplit:
 
 
 def _per_claim(cpu: CpuSplit, claims: int) -> dict[str, float] | None:
-    if not cpu.result or not claims:
-        return None
-    spent = {k: v for k, v in cpu.result["cpu_s"].items() if k != "pg_other"}
-    found = {name: round(v / claims * 1e6, 1) for name, v in spent.items()}
-    found["total"] = round(sum(spent.values()) / claims * 1e6, 1)
-    return found
+    return us_per_claim(cpu.result, claims) if cpu.result and claims else None
 
 
 def main() -> None:
@@ -135,7 +130,7 @@ def main() -> None:
                 "cpu_us_per_claim": {
                     kind: statistics.median((r["cpu_us_per_claim"] or {}).get(kind, 0)
                                             for r in runs)
-                    for kind in ("instances", "shards", "client", "pg_backends", "total")}}
+                    for kind in ("instances", "shards", "client", "pg_backends", "all")}}
     result["median"] = summary
     print(json.dumps(result))
 

@@ -61,7 +61,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from ango.audit import violations
 from ango.importer import import_codes
-from benchmarks._cpu import CpuSplit, children_of, postmaster_pid
+from benchmarks._cpu import CpuSplit, children_of, postmaster_pid, us_per_claim
 from benchmarks._db import CLIENT, fresh_database, server_dsn, write_codes_csv
 from benchmarks.protocol_load import drive, start_server
 
@@ -644,10 +644,6 @@ def _table(result: dict) -> str:
     return "\n".join(out)
 
 
-#: CPU not spent on the measured claims: other users of the machine, other databases.
-NOT_OURS = ("other_processes", "pg_other")
-
-
 def cpu_per_claim(side: dict) -> dict | None:
     """CPU µs per claim by process kind, and ``all`` of them, from the median run's split."""
     runs = side.get("runs") or [side]
@@ -656,9 +652,7 @@ def cpu_per_claim(side: dict) -> dict | None:
     cpu, rate = run.get("cpu"), run["claims_per_s"]
     if not cpu or not rate:
         return None
-    per = {k: round(v / rate * 1e6, 1) for k, v in cpu["cores"].items() if k not in NOT_OURS}
-    per["all"] = round(sum(per.values()), 1)
-    return per
+    return us_per_claim(cpu, rate * cpu["wall_s"])
 
 
 def _first_cpu(side: dict | None) -> dict | None:

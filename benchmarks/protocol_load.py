@@ -217,7 +217,7 @@ async def load(port: int, token: str, batch: str, concurrency: int, connections:
     """Claims per second over ``seconds`` after a 0.5 s warm-up, as a dict; with
     ``server_pid``, also the CPU microseconds per claim of the server and of this
     client (steadier than claims per second on a busy machine)."""
-    from benchmarks._cpu import CpuSplit
+    from benchmarks._cpu import CpuSplit, us_per_claim
 
     groups = {"client": lambda: [os.getpid()]}
     if server_pid is not None:
@@ -229,8 +229,7 @@ async def load(port: int, token: str, batch: str, concurrency: int, connections:
               "claims_per_s": round(found.claims_per_s), "concurrency": concurrency,
               "connections": connections}
     if cpu.result and found.claims:
-        result["cpu_us_per_claim"] = {name: round(spent / found.claims * 1e6, 2)
-                                      for name, spent in cpu.result["cpu_s"].items()}
+        result["cpu_us_per_claim"] = us_per_claim(cpu.result, found.claims, digits=2)
     return result
 
 
